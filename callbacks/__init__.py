@@ -1,0 +1,5 @@
+"""Lightning callbacks of layerfusion, installed as `layerfusion.callbacks`."""
+
+from layerfusion.callbacks.prediction_writer import PredictionWriter
+
+__all__ = ["PredictionWriter"]

@@ -1,0 +1,21 @@
+"""`python -m layerfusion` / `layerfusion`: `models` or a LightningCLI subcommand (fit, validate, test, predict)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch `models` to the offline model installer, everything else to the Lightning CLI."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["models"]:
+        from layerfusion.encoders.offline import main as models_main
+
+        sys.exit(models_main(args[1:], prog="layerfusion models"))
+    from layerfusion.cli import cli_main
+
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
+
+if __name__ == "__main__":
+    main()

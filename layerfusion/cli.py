@@ -1,0 +1,29 @@
+"""`LightningCLI` for layerfusion: `fit | validate | test | predict --config ...`."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from layerfusion.data.datamodule import TextClassificationDataModule
+from layerfusion.module import LayerFusionModule
+
+
+class LayerFusionCLI(LightningCLI):
+    """The Lightning CLI with the data and the model linked: encoders and feature mode flow to the
+    data (one tokenizer per encoder), the label set flows from the data to the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.encoders", "data.encoders", apply_on="parse")
+        parser.link_arguments("model.features", "data.features", apply_on="parse")
+        parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
+
+
+def cli_main(args=None) -> LayerFusionCLI:
+    """Run the CLI (`args` None = sys.argv)."""
+    return LayerFusionCLI(
+        LayerFusionModule,
+        TextClassificationDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )

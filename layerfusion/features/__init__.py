@@ -1,0 +1,5 @@
+"""The on-disk cache of pooled per-layer features."""
+
+from layerfusion.features.cache import FeatureCache
+
+__all__ = ["FeatureCache"]

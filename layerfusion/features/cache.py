@@ -1,0 +1,169 @@
+"""On-disk cache of pooled per-layer features: computed once, memory-mapped, verified before use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from layerfusion.encoders.frozen import FrozenEncoder
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CacheDtype = Literal["float16", "float32"]
+
+
+class FeatureCache:
+    """Features `[N, L, d]` of one (encoder, split), keyed by everything they depend on.
+
+    Key: encoder weights (content hash), tokenizer, max length, pooling, storage dtype,
+    the split's texts (content hash) and the split name. An entry is a directory holding
+    `features.npy` and `manifest.json` (shape, dtype, rows, SHA-256 of the array file); it is
+    written to a temporary directory and renamed into place, so a killed run leaves no entry
+    that looks complete. A partial, corrupt or mismatched entry is reported and rebuilt.
+    """
+
+    def __init__(self, root: str | Path, dtype: CacheDtype = "float16", batch_size: int = 64) -> None:
+        if dtype not in ("float16", "float32"):
+            raise ValueError(f"cache dtype must be 'float16' or 'float32', got {dtype!r}")
+        self.root = Path(root).expanduser()
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.last_build_seconds: float | None = None
+
+    def key(self, encoder: FrozenEncoder, texts: list[str], split: str) -> dict:
+        """Everything the features of this split depend on."""
+        return {
+            "format": FORMAT_VERSION,
+            "encoder": encoder.spec.name,
+            "weights_sha256": encoder.fingerprint(),
+            "tokenizer_sha256": encoder.tokenizer_fingerprint(),
+            "max_length": encoder.max_length,
+            "pooling": encoder.spec.pooling,
+            "encoder_dtype": str(next(encoder.model.parameters()).dtype),
+            "dtype": self.dtype,
+            "data_sha256": texts_fingerprint(texts),
+            "split": split,
+            "rows": len(texts),
+        }
+
+    def entry_dir(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.root / _safe(key["encoder"]) / f"{key['split']}-{digest}"
+
+    def load_or_build(self, encoder: FrozenEncoder, texts: list[str], split: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The features of `texts`, read from a valid cache entry or extracted and written first."""
+        key = self.key(encoder, texts, split)
+        path = self.entry_dir(key)
+        if path.exists():
+            problem = verify(path, key)
+            if problem is None:
+                log.info("feature cache hit: %s", path)
+                self.last_build_seconds = 0.0
+                return open_entry(path)
+            log.warning("feature cache entry %s is unusable (%s): rebuilding it", path, problem)
+            shutil.rmtree(path, ignore_errors=True)
+        start = time.perf_counter()
+        self._build(encoder, texts, key, path, device)
+        self.last_build_seconds = time.perf_counter() - start
+        return open_entry(path)
+
+    def _build(self, encoder: FrozenEncoder, texts: list[str], key: dict, path: Path, device) -> None:
+        """Extract into a temporary directory, checksum, then rename into place."""
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            shape = (len(texts), encoder.num_layers, encoder.hidden_size)
+            out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=self.dtype, shape=shape)
+            extract(encoder, texts, out, self.batch_size, device, desc=f"{encoder.spec.key}/{key['split']}")
+            out.flush()
+            del out
+            manifest = {"key": key, "shape": list(shape), "dtype": self.dtype, "rows": len(texts), "sha256": file_sha256(tmp / "features.npy")}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process finished the same entry first
+                if verify(path, key) is not None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def extract(encoder: FrozenEncoder, texts: list[str], out: np.ndarray, batch_size: int, device, desc: str = "features") -> None:
+    """Fill `out[i]` with the pooled layers of `texts[i]`, in length-sorted batches (longest first)."""
+    from tqdm.auto import tqdm
+
+    tok = encoder.tokenizer
+    ids = tok(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]), reverse=True)
+    encoder.to(device)
+    bar = tqdm(total=len(texts), desc=f"extract {desc}", unit="ex", disable=None)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+            feats = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out[rows] = feats.cpu().numpy().astype(out.dtype)
+            bar.update(len(rows))
+    bar.close()
+
+
+def verify(path: Path, key: dict) -> str | None:
+    """None when the entry at `path` is complete and was built from `key`; otherwise what is wrong."""
+    manifest_path, array_path = path / "manifest.json", path / "features.npy"
+    if not manifest_path.is_file() or not array_path.is_file():
+        return "incomplete: manifest or array missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"manifest is not valid JSON ({err})"
+    if manifest.get("key") != key:
+        return "built from other inputs (key mismatch)"
+    try:
+        array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        return f"array unreadable ({err})"
+    if list(array.shape) != manifest.get("shape") or str(array.dtype) != manifest.get("dtype"):
+        return f"array is {array.shape} {array.dtype}, manifest says {manifest.get('shape')} {manifest.get('dtype')}"
+    if file_sha256(array_path) != manifest.get("sha256"):
+        return "checksum mismatch (file changed or truncated)"
+    return None
+
+
+def open_entry(path: Path) -> torch.Tensor:
+    """The cached array, memory-mapped, as a tensor."""
+    array = np.load(path / "features.npy", mmap_mode="c", allow_pickle=False)  # copy-on-write: writable view, file untouched
+    return torch.from_numpy(np.asarray(array))
+
+
+def texts_fingerprint(texts: list[str]) -> str:
+    """SHA-256 over the texts in order."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "__")

@@ -1,0 +1,156 @@
+"""Classification heads over pooled per-layer features of several encoders.
+
+Every head takes `features: {encoder: [B, L, d]}` (all layers) and returns logits `[B, C]`;
+`layers[encoder]` says which layers it reads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HeadKind = Literal["gated", "single_layer", "last_layer", "mean_layers", "concat"]
+
+
+class FusionHead(nn.Module):
+    """Shared parts: the layer selection per encoder and per-layer normalisation."""
+
+    def __init__(self, dims: dict[str, int], layers: dict[str, list[int]], num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {num_classes}")
+        missing = set(dims) - set(layers)
+        if missing or any(not layers[e] for e in dims):
+            raise ValueError(f"every encoder needs at least one selected layer; missing for {sorted(missing) or [e for e in dims if not layers[e]]}")
+        self.dims = dict(dims)
+        self.layers = {e: list(layers[e]) for e in dims}
+        for e in dims:
+            self.register_buffer(f"_idx_{_safe(e)}", torch.tensor(self.layers[e], dtype=torch.long), persistent=False)
+
+    def selected(self, features: dict[str, torch.Tensor], encoder: str) -> torch.Tensor:
+        """The selected layers of one encoder, each layer-normalised: `[B, k, d]`."""
+        x = features[encoder].index_select(1, getattr(self, f"_idx_{_safe(encoder)}"))
+        return F.layer_norm(x.float(), (x.shape[-1],))
+
+
+class GatedFusionHead(FusionHead):
+    """Per encoder a softmax mix of its layers, a projection to `hidden`, a per-example gate over encoders."""
+
+    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(dims, layers, num_classes)
+        names = list(dims)
+        self.mix = nn.ParameterDict({_safe(e): nn.Parameter(torch.zeros(len(self.layers[e]))) for e in names})
+        self.proj = nn.ModuleDict({_safe(e): nn.Linear(dims[e], hidden) for e in names})
+        self.gate = nn.Linear(hidden * len(names), len(names))
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.last_gate: torch.Tensor | None = None
+
+    def layer_weights(self) -> dict[str, torch.Tensor]:
+        """The softmax weight of each selected layer, per encoder."""
+        return {e: torch.softmax(self.mix[_safe(e)], 0).detach() for e in self.dims}
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        projected = []
+        for e in self.dims:
+            x = self.selected(features, e)
+            w = torch.softmax(self.mix[_safe(e)], 0)
+            mixed = torch.einsum("bkd,k->bd", x, w)
+            projected.append(F.gelu(self.proj[_safe(e)](self.dropout(mixed))))
+        stacked = torch.stack(projected, dim=1)  # [B, E, hidden]
+        gate = torch.softmax(self.gate(stacked.flatten(1)), dim=-1)  # [B, E]
+        self.last_gate = gate.detach()
+        fused = (gate.unsqueeze(-1) * stacked).sum(1)
+        return self.classifier(self.dropout(fused))
+
+
+class MeanLayersHead(FusionHead):
+    """Mean of the selected layers per encoder, encoders concatenated, then an MLP."""
+
+    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(dims, layers, num_classes)
+        self.mlp = _mlp(sum(dims.values()), hidden, num_classes, dropout)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.mlp(torch.cat([self.selected(features, e).mean(1) for e in self.dims], dim=-1))
+
+
+class SingleLayerHead(MeanLayersHead):
+    """Exactly one layer per encoder (encoders concatenated), then an MLP."""
+
+    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+        wrong = {e: layers.get(e) for e in dims if len(layers.get(e) or []) != 1}
+        if wrong:
+            raise ValueError(f"single_layer head needs exactly one layer per encoder, got {wrong}; set model.layers")
+        super().__init__(dims, layers, num_classes, hidden, dropout)
+
+
+class LastLayerHead(MeanLayersHead):
+    """The last layer of each encoder (encoders concatenated), then an MLP."""
+
+
+class ConcatHead(FusionHead):
+    """All selected layers of all encoders concatenated, then an MLP."""
+
+    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(dims, layers, num_classes)
+        width = sum(dims[e] * len(self.layers[e]) for e in dims)
+        self.mlp = _mlp(width, hidden, num_classes, dropout)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.mlp(torch.cat([self.selected(features, e).flatten(1) for e in self.dims], dim=-1))
+
+
+HEADS: dict[str, type[FusionHead]] = {
+    "gated": GatedFusionHead,
+    "single_layer": SingleLayerHead,
+    "last_layer": LastLayerHead,
+    "mean_layers": MeanLayersHead,
+    "concat": ConcatHead,
+}
+
+
+def build_head(
+    kind: str,
+    dims: dict[str, int],
+    num_layers: dict[str, int],
+    layers: dict[str, list[int]] | None,
+    num_classes: int,
+    hidden: int = 256,
+    dropout: float = 0.1,
+) -> FusionHead:
+    """Build a head; `layers=None` means all layers (the last one for `last_layer`)."""
+    if kind not in HEADS:
+        raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+    layers = resolve_layers(kind, num_layers, layers)
+    return HEADS[kind](dims, layers, num_classes, hidden=hidden, dropout=dropout)
+
+
+def resolve_layers(kind: str, num_layers: dict[str, int], layers: dict[str, list[int]] | None) -> dict[str, list[int]]:
+    """The layer selection per encoder, checked against each encoder's depth."""
+    if kind == "last_layer":
+        return {e: [n - 1] for e, n in num_layers.items()}
+    layers = layers or {}
+    unknown = set(layers) - set(num_layers)
+    if unknown:
+        raise ValueError(f"layers given for unknown encoders {sorted(unknown)}; encoders are {sorted(num_layers)}")
+    out = {}
+    for e, n in num_layers.items():
+        chosen = sorted({i if i >= 0 else n + i for i in layers.get(e, range(n))})
+        bad = [i for i in chosen if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"encoder {e!r} has layers 0..{n - 1} (0 = embeddings); got {bad}")
+        out[e] = chosen
+    return out
+
+
+def _mlp(width: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+
+def _safe(name: str) -> str:
+    """A module-dict key for an encoder name (no dots)."""
+    return name.replace(".", "_")

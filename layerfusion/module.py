@@ -1,0 +1,239 @@
+"""`LayerFusionModule`: frozen tapped encoders, a trainable fusion head, metrics, head-only checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+from layerfusion.features.cache import CacheDtype, FeatureCache
+from layerfusion.fusion.heads import HeadKind, build_head
+
+log = logging.getLogger(__name__)
+STAGE_SPLITS = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+
+
+class LayerFusionModule(L.LightningModule):
+    """Classifier over every tapped layer of several frozen encoders; only the head trains.
+
+    Args:
+        encoders: the frozen encoders (hub id or local directory each, pooling, max length, dtype).
+        label_names: class names, index = class id (linked from `data.label_names` by the CLI).
+        head: `gated` (the method) or a baseline: `single_layer`, `last_layer`, `mean_layers`, `concat`.
+        layers: selected layers per encoder key (0 = embeddings, negative counts from the end); None = all.
+        hidden: the head's common width.
+        dropout: dropout inside the head.
+        lr: AdamW learning rate of the head.
+        weight_decay: AdamW weight decay.
+        features: `cached` extracts every split once to the feature cache; `online` runs the encoders every step.
+        cache_dir: where cached features live.
+        cache_dtype: storage dtype of cached features.
+        extract_batch_size: batch size of feature extraction (length-sorted batches).
+    """
+
+    def __init__(
+        self,
+        encoders: list[EncoderSpec],
+        label_names: list[str] | None = None,
+        head: HeadKind = "gated",
+        layers: dict[str, list[int]] | None = None,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        features: Literal["cached", "online"] = "cached",
+        cache_dir: str = "~/.cache/layerfusion/features",
+        cache_dtype: CacheDtype = "float16",
+        extract_batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if not encoders:
+            raise ValueError("model.encoders is empty: give at least one encoder")
+        if not label_names:
+            raise ValueError("model.label_names is empty: it comes from the data (data.label_names)")
+        specs = [s if isinstance(s, EncoderSpec) else EncoderSpec(**s) for s in encoders]
+        keys = [s.key for s in specs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"encoder keys must be unique, got {keys}; set `alias` on one of them")
+        if features not in ("cached", "online"):
+            raise ValueError(f"features must be 'cached' or 'online', got {features!r}")
+        self.save_hyperparameters(
+            {
+                "encoders": [asdict(s) for s in specs],
+                "label_names": list(label_names),
+                "head": head,
+                "layers": layers,
+                "hidden": hidden,
+                "dropout": dropout,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "features": features,
+            }
+        )
+        self.encoders = nn.ModuleDict({s.key: FrozenEncoder(s) for s in specs})
+        self.label_names = list(label_names)
+        self.cache = FeatureCache(cache_dir, cache_dtype, extract_batch_size)
+        self.head = self.build_head(layers)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(len(label_names), average="micro"),
+                "f1": MulticlassF1Score(len(label_names), average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+        self.features: dict[str, dict[str, torch.Tensor]] = {}
+        self.extract_seconds: dict[str, float] = {}
+
+    # -- structure -------------------------------------------------------------------------------
+
+    def build_head(self, layers: dict[str, list[int]] | None) -> nn.Module:
+        """A fresh head of the configured kind over `layers` (the current layer selection)."""
+        return build_head(
+            self.hparams.head,
+            dims={k: e.hidden_size for k, e in self.encoders.items()},
+            num_layers={k: e.num_layers for k, e in self.encoders.items()},
+            layers=layers,
+            num_classes=len(self.label_names),
+            hidden=self.hparams.hidden,
+            dropout=self.hparams.dropout,
+        )
+
+    @property
+    def selection(self) -> dict[str, list[int]]:
+        """The layers the head reads, per encoder."""
+        return {k: list(v) for k, v in self.head.layers.items()}
+
+    def set_selection(self, layers: dict[str, list[int]]) -> None:
+        """Rebuild the head over `layers` (its weights start fresh)."""
+        self.head = self.build_head(layers).to(self.device)
+
+    # -- features --------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Extract (or read from the cache) the features of every split this stage needs."""
+        if self.hparams.features != "cached":
+            return
+        dm = self.trainer.datamodule
+        device = self.trainer.strategy.root_device
+        for split in STAGE_SPLITS.get(stage, []):
+            self.features[split] = self.extract_split(dm.texts(split), split, device)
+
+    def extract_split(self, texts: list[str], split: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Cached features `{encoder: [N, L, d]}` of `texts` (rank 0 builds missing entries, others wait)."""
+        trainer = self._trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        out, seconds = {}, 0.0
+        for key, encoder in self.encoders.items():
+            if distributed and trainer.global_rank != 0:
+                trainer.strategy.barrier("layerfusion-extract")
+                out[key] = self.cache.load_or_build(encoder, texts, split, device)
+                continue
+            out[key] = self.cache.load_or_build(encoder, texts, split, device)
+            seconds += self.cache.last_build_seconds or 0.0
+            if distributed:
+                trainer.strategy.barrier("layerfusion-extract")
+        self.extract_seconds[split] = seconds
+        return out
+
+    def batch_features(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
+        """`{encoder: [B, L, d]}` for a batch: looked up in the cache, or computed by the encoders."""
+        if self.hparams.features == "online":
+            return {k: enc(**batch["inputs"][k]) for k, enc in self.encoders.items()}
+        rows = batch["index"].cpu()
+        return {k: feats[rows].to(self.device, torch.float32) for k, feats in self.features[split].items()}
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(features)
+
+    def model_step(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(self.batch_features(batch, split))
+        return F.cross_entropy(logits.float(), batch["labels"]), logits
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, logits = self.model_step(batch, "train")
+        self.train_metrics.update(logits, batch["labels"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(logits))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        logits = self(self.batch_features(batch, "predict"))
+        return {"index": batch["index"], "probs": torch.softmax(logits.float(), dim=-1)}
+
+    def _eval_step(self, batch: dict, split: str, metrics: MetricCollection) -> None:
+        loss, logits = self.model_step(batch, split)
+        metrics.update(logits, batch["labels"])
+        self.log(f"{split}_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        self.log_dict(metrics, prog_bar=True, batch_size=len(logits))
+
+    def on_train_epoch_start(self) -> None:
+        dataset = self.trainer.train_dataloader.dataset if self.trainer.train_dataloader is not None else None
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def teardown(self, stage: str) -> None:
+        self.features.clear()
+
+    # -- checkpoints: head only ------------------------------------------------------------------
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the head's weights: encoders are frozen and identified by their hash instead."""
+        return self.head.state_dict(destination=destination, prefix=prefix + "head.", keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a head-only state dict (keys `head.*`)."""
+        foreign = [k for k in state_dict if not k.startswith("head.")]
+        if foreign:
+            raise KeyError(f"checkpoint state_dict has keys outside the head (e.g. {foreign[:3]}); not a layerfusion checkpoint")
+        return self.head.load_state_dict({k[len("head.") :]: v for k, v in state_dict.items()}, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["layerfusion"] = {
+            "encoders": {k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers} for k, e in self.encoders.items()},
+            "label_names": self.label_names,
+            "head": self.hparams.head,
+            "selection": self.selection,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("layerfusion")
+        if meta is None:
+            raise ValueError("checkpoint has no 'layerfusion' section: it was not written by layerfusion")
+        ours = {k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers} for k, e in self.encoders.items()}
+        if meta["encoders"] != ours:
+            theirs = {k: v["name"] for k, v in meta["encoders"].items()}
+            raise ValueError(f"checkpoint was trained on encoders {theirs}; this run has {({k: v['name'] for k, v in ours.items()})} (or their weights differ)")
+        if meta["label_names"] != self.label_names:
+            raise ValueError(f"checkpoint labels {meta['label_names']} differ from this data's labels {self.label_names}")
+        if meta["head"] != self.hparams.head:
+            raise ValueError(f"checkpoint has a {meta['head']!r} head; this run is configured with model.head={self.hparams.head!r}")
+        if meta["selection"] != self.selection:
+            log.info("restoring layer selection from checkpoint: %s", meta["selection"])
+            self.set_selection(meta["selection"])
+
+
+def checkpoint_size_mb(path: str | Path) -> float:
+    """Size of a checkpoint file in MB."""
+    return Path(path).stat().st_size / 1e6
