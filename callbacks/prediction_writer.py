@@ -24,7 +24,9 @@ class PredictionWriter(BasePredictionWriter):
         self.path = Path(path)
 
     @override
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices
+    ) -> None:
         index = torch.cat([p["index"] for p in predictions]).cpu()
         probs = torch.cat([p["probs"] for p in predictions]).cpu()
         if trainer.world_size > 1:
@@ -42,7 +44,11 @@ class PredictionWriter(BasePredictionWriter):
                 if i in seen:  # a DistributedSampler pads with repeated rows
                     continue
                 seen.add(i)
-                row = {"text": texts[i], "label": names[max(range(len(p)), key=p.__getitem__)], "probs": dict(zip(names, p))}
+                row = {
+                    "text": texts[i],
+                    "label": names[max(range(len(p)), key=p.__getitem__)],
+                    "probs": dict(zip(names, p)),
+                }
                 if gold[i] is not None:
                     row["gold"] = gold[i]
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")

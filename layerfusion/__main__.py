@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch `models` to the offline model installer, everything else to the Lightning CLI."""
+    """Dispatch `models` to the offline model installer, everything else to the Lightning CLI.
+
+    Errors about the user's data, config or models print as one line (set LAYERFUSION_DEBUG=1 for the traceback).
+    """
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["models"]:
         from layerfusion.encoders.offline import main as models_main
 
         sys.exit(models_main(args[1:], prog="layerfusion models"))
     from layerfusion.cli import cli_main
+    from layerfusion.errors import LayerFusionError
 
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    except LayerFusionError as err:
+        if os.environ.get("LAYERFUSION_DEBUG"):
+            raise
+        print(f"layerfusion: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

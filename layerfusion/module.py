@@ -15,11 +15,17 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+from layerfusion.errors import ConfigError
 from layerfusion.features.cache import CacheDtype, FeatureCache
 from layerfusion.fusion.heads import HeadKind, build_head
 
 log = logging.getLogger(__name__)
-STAGE_SPLITS = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+STAGE_SPLITS = {
+    "fit": ["train", "val"],
+    "validate": ["val"],
+    "test": ["test"],
+    "predict": ["predict"],
+}
 
 
 class LayerFusionModule(L.LightningModule):
@@ -57,15 +63,19 @@ class LayerFusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not encoders:
-            raise ValueError("model.encoders is empty: give at least one encoder")
+            raise ConfigError("model.encoders is empty: give at least one encoder")
         if not label_names:
-            raise ValueError("model.label_names is empty: it comes from the data (data.label_names)")
+            raise ConfigError(
+                "model.label_names is empty: it comes from the data (data.label_names)"
+            )
         specs = [s if isinstance(s, EncoderSpec) else EncoderSpec(**s) for s in encoders]
         keys = [s.key for s in specs]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"encoder keys must be unique, got {keys}; set `alias` on one of them")
+            raise ConfigError(
+                f"encoder keys must be unique, got {keys}; set `alias` on one of them"
+            )
         if features not in ("cached", "online"):
-            raise ValueError(f"features must be 'cached' or 'online', got {features!r}")
+            raise ConfigError(f"features must be 'cached' or 'online', got {features!r}")
         self.save_hyperparameters(
             {
                 "encoders": [asdict(s) for s in specs],
@@ -129,7 +139,9 @@ class LayerFusionModule(L.LightningModule):
         for split in STAGE_SPLITS.get(stage, []):
             self.features[split] = self.extract_split(dm.texts(split), split, device)
 
-    def extract_split(self, texts: list[str], split: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def extract_split(
+        self, texts: list[str], split: str, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Cached features `{encoder: [N, L, d]}` of `texts` (rank 0 builds missing entries, others wait)."""
         trainer = self._trainer
         distributed = trainer is not None and trainer.world_size > 1
@@ -151,7 +163,10 @@ class LayerFusionModule(L.LightningModule):
         if self.hparams.features == "online":
             return {k: enc(**batch["inputs"][k]) for k, enc in self.encoders.items()}
         rows = batch["index"].cpu()
-        return {k: feats[rows].to(self.device, torch.float32) for k, feats in self.features[split].items()}
+        return {
+            k: feats[rows].to(self.device, torch.float32)
+            for k, feats in self.features[split].items()
+        }
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -186,12 +201,18 @@ class LayerFusionModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, batch_size=len(logits))
 
     def on_train_epoch_start(self) -> None:
-        dataset = self.trainer.train_dataloader.dataset if self.trainer.train_dataloader is not None else None
+        dataset = (
+            self.trainer.train_dataloader.dataset
+            if self.trainer.train_dataloader is not None
+            else None
+        )
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            self.head.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
 
     def teardown(self, stage: str) -> None:
         self.features.clear()
@@ -200,18 +221,27 @@ class LayerFusionModule(L.LightningModule):
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Only the head's weights: encoders are frozen and identified by their hash instead."""
-        return self.head.state_dict(destination=destination, prefix=prefix + "head.", keep_vars=keep_vars)
+        return self.head.state_dict(
+            destination=destination, prefix=prefix + "head.", keep_vars=keep_vars
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a head-only state dict (keys `head.*`)."""
         foreign = [k for k in state_dict if not k.startswith("head.")]
         if foreign:
-            raise KeyError(f"checkpoint state_dict has keys outside the head (e.g. {foreign[:3]}); not a layerfusion checkpoint")
-        return self.head.load_state_dict({k[len("head.") :]: v for k, v in state_dict.items()}, strict=strict, assign=assign)
+            raise KeyError(
+                f"checkpoint state_dict has keys outside the head (e.g. {foreign[:3]}); not a layerfusion checkpoint"
+            )
+        return self.head.load_state_dict(
+            {k[len("head.") :]: v for k, v in state_dict.items()}, strict=strict, assign=assign
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["layerfusion"] = {
-            "encoders": {k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers} for k, e in self.encoders.items()},
+            "encoders": {
+                k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
+                for k, e in self.encoders.items()
+            },
             "label_names": self.label_names,
             "head": self.hparams.head,
             "selection": self.selection,
@@ -220,15 +250,26 @@ class LayerFusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("layerfusion")
         if meta is None:
-            raise ValueError("checkpoint has no 'layerfusion' section: it was not written by layerfusion")
-        ours = {k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers} for k, e in self.encoders.items()}
+            raise ConfigError(
+                "checkpoint has no 'layerfusion' section: it was not written by layerfusion"
+            )
+        ours = {
+            k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
+            for k, e in self.encoders.items()
+        }
         if meta["encoders"] != ours:
             theirs = {k: v["name"] for k, v in meta["encoders"].items()}
-            raise ValueError(f"checkpoint was trained on encoders {theirs}; this run has {({k: v['name'] for k, v in ours.items()})} (or their weights differ)")
+            raise ConfigError(
+                f"checkpoint was trained on encoders {theirs}; this run has { ({k: v['name'] for k, v in ours.items()}) } (or their weights differ)"
+            )
         if meta["label_names"] != self.label_names:
-            raise ValueError(f"checkpoint labels {meta['label_names']} differ from this data's labels {self.label_names}")
+            raise ConfigError(
+                f"checkpoint labels {meta['label_names']} differ from this data's labels {self.label_names}"
+            )
         if meta["head"] != self.hparams.head:
-            raise ValueError(f"checkpoint has a {meta['head']!r} head; this run is configured with model.head={self.hparams.head!r}")
+            raise ConfigError(
+                f"checkpoint has a {meta['head']!r} head; this run is configured with model.head={self.hparams.head!r}"
+            )
         if meta["selection"] != self.selection:
             log.info("restoring layer selection from checkpoint: %s", meta["selection"])
             self.set_selection(meta["selection"])

@@ -14,6 +14,7 @@ from layerfusion.data.jsonl import DataError, Examples, read_jsonl
 from layerfusion.data.sources import load_splits, sorted_labels, split_files, stratified_holdout
 from layerfusion.data.stream import ShardedStream
 from layerfusion.encoders.frozen import EncoderSpec
+from layerfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if streaming and features != "online":
-            raise ValueError("data.streaming=true needs model.features=online: a stream has no row index to cache by")
+            raise ConfigError(
+                "data.streaming=true needs model.features=online: a stream has no row index to cache by"
+            )
         self.dataset = dataset
         self.data_dir = data_dir
         self.encoders = list(encoders or [])
@@ -87,16 +90,25 @@ class TextClassificationDataModule(L.LightningDataModule):
         """Labels of the training split, sorted; index = class id."""
         if self._labels is None:
             if self.streaming:
-                self._labels = sorted_labels(list(self._stream_source().select_columns([self.label_field])[self.label_field]))
+                self._labels = sorted_labels(
+                    list(self._stream_source().select_columns([self.label_field])[self.label_field])
+                )
             else:
                 self._labels = sorted_labels(self._load()["train"].labels)
             if len(self._labels) < 2:
-                raise DataError(f"dataset {self.dataset!r}: train has {len(self._labels)} distinct label(s); need at least 2")
+                raise DataError(
+                    f"dataset {self.dataset!r}: train has {len(self._labels)} distinct label(s); need at least 2"
+                )
         return self._labels
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits a stage needs: fit -> train, val; validate -> val; test -> test; predict."""
-        want = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        want = {
+            "fit": ["train", "val"],
+            "validate": ["val"],
+            "test": ["test"],
+            "predict": ["predict"],
+        }
         for split in want.get(stage or "fit", ["train", "val", "test"]):
             if split not in self.splits and not (split == "train" and self.streaming):
                 self.splits[split] = self._split(split)
@@ -112,7 +124,14 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:
-            stream = ShardedStream(self._stream_source(), self.label_names, self.text_field, self.label_field, self.seed, self.max_train_samples)
+            stream = ShardedStream(
+                self._stream_source(),
+                self.label_names,
+                self.text_field,
+                self.label_field,
+                self.seed,
+                self.max_train_samples,
+            )
             return self._loader(stream, self.batch_size, shuffle=False)
         return self._loader(self._dataset("train"), self.batch_size, shuffle=True)
 
@@ -147,7 +166,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         """One split after hold-out, subsetting and the unseen-label check."""
         if split == "predict":
             if self.predict_path:
-                return read_jsonl(self.predict_path, self.text_field, self.label_field, require_labels=False)
+                return read_jsonl(
+                    self.predict_path, self.text_field, self.label_field, require_labels=False
+                )
             split = "test"
         raw = self._load()
         if split == "test":
@@ -168,7 +189,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         for i, lab in enumerate(ex.labels):
             if lab is not None and lab not in known:
                 where = f"{ex.source}:{ex.lines[i]}" if ex.lines else f"{ex.source}, row {i}"
-                raise DataError(f"{where}: label {lab!r} does not occur in train; known labels: {self.label_names}")
+                raise DataError(
+                    f"{where}: label {lab!r} does not occur in train; known labels: {self.label_names}"
+                )
         return ex
 
     def _dataset(self, split: str) -> Dataset:
@@ -178,7 +201,13 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
         collate = Collator(self.tokenizers() if self.features == "online" else None)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=self.num_workers)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
 
     def _stream_source(self):
         import datasets
@@ -186,7 +215,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         files = split_files(self.dataset, self.data_dir)
         if files is None:
             return datasets.load_dataset(self.dataset, split="train", streaming=True)
-        return datasets.load_dataset("json", data_files=str(files["train"]), split="train", streaming=True)
+        return datasets.load_dataset(
+            "json", data_files=str(files["train"]), split="train", streaming=True
+        )
 
 
 class RowDataset(Dataset):
@@ -216,7 +247,15 @@ class Collator:
         if self.tokenizers:
             texts = [r["text"] for r in rows]
             batch["inputs"] = {
-                key: dict(tok(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"))
+                key: dict(
+                    tok(
+                        texts,
+                        truncation=True,
+                        max_length=max_len,
+                        padding=True,
+                        return_tensors="pt",
+                    )
+                )
                 for key, (tok, max_len) in self.tokenizers.items()
             }
         return batch

@@ -7,8 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerfusion.errors import LayerFusionError
 
-class DataError(ValueError):
+
+class DataError(LayerFusionError, ValueError):
     """Bad data in a source file: the message names the file, the line and what was expected."""
 
 
@@ -40,7 +42,9 @@ def read_jsonl(
     try:
         with opener(path, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
-                text, label = _parse_line(raw, path, lineno, text_field, label_field, require_labels)
+                text, label = _parse_line(
+                    raw, path, lineno, text_field, label_field, require_labels
+                )
                 if text is None:
                     continue
                 texts.append(text)
@@ -49,7 +53,9 @@ def read_jsonl(
     except (OSError, EOFError) as err:
         raise DataError(f"{path}: cannot read file ({err})") from err
     if not texts:
-        raise DataError(f"{path}: no examples (the file is empty); expected one JSON object per line")
+        raise DataError(
+            f"{path}: no examples (the file is empty); expected one JSON object per line"
+        )
     return Examples(texts, labels, str(path), lines)
 
 
@@ -61,7 +67,9 @@ def _parse_line(
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8") from err
+        raise DataError(
+            f"{where}: not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
+        ) from err
     if not line.strip():
         return None, None
     try:
@@ -69,12 +77,16 @@ def _parse_line(
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with '{text_field}' and '{label_field}', got {type(obj).__name__}")
+        raise DataError(
+            f"{where}: expected a JSON object with '{text_field}' and '{label_field}', got {type(obj).__name__}"
+        )
     if text_field not in obj:
         raise DataError(f"{where}: missing field '{text_field}' (keys present: {sorted(obj)})")
     text = obj[text_field]
     if not isinstance(text, str):
-        raise DataError(f"{where}: field '{text_field}' must be a string, got {type(text).__name__}")
+        raise DataError(
+            f"{where}: field '{text_field}' must be a string, got {type(text).__name__}"
+        )
     if not text.strip():
         raise DataError(f"{where}: field '{text_field}' is empty")
     if label_field not in obj or obj[label_field] is None:
@@ -83,5 +95,7 @@ def _parse_line(
         return text, None
     label = obj[label_field]
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise DataError(f"{where}: field '{label_field}' must be a string or an integer, got {label!r}")
+        raise DataError(
+            f"{where}: field '{label_field}' must be a string or an integer, got {label!r}"
+        )
     return text, str(label)

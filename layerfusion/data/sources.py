@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from layerfusion.data.jsonl import DataError, Examples, read_jsonl
+from layerfusion.errors import ConfigError
 
 DATA_ENV = "LAYERFUSION_DATA"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -53,20 +54,31 @@ def split_files(dataset: str, data_dir: str | None = None) -> dict[str, Path | N
         return None
     files: dict[str, Path | None] = {}
     for split, options in stems.items():
-        found = [p for stem in options for p in (root / f"{stem}.jsonl", root / f"{stem}.jsonl.gz") if p.is_file()]
+        found = [
+            p
+            for stem in options
+            for p in (root / f"{stem}.jsonl", root / f"{stem}.jsonl.gz")
+            if p.is_file()
+        ]
         files[split] = found[0] if found else None
     if files["train"] is None:
-        raise DataError(f"{root}: no train.jsonl (or train.jsonl.gz); a dataset directory needs at least a train split")
+        raise DataError(
+            f"{root}: no train.jsonl (or train.jsonl.gz); a dataset directory needs at least a train split"
+        )
     for split in ("val", "test"):
         if files[split] is None and dataset in NAMED_DATASETS and NAMED_DATASETS[dataset][split]:
-            raise DataError(f"{root}: missing {NAMED_DATASETS[dataset][split]}.jsonl for the {split} split of {dataset!r}")
+            raise DataError(
+                f"{root}: missing {NAMED_DATASETS[dataset][split]}.jsonl for the {split} split of {dataset!r}"
+            )
     return files
 
 
-def stratified_holdout(labels: list[str | None], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_holdout(
+    labels: list[str | None], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Split row indices into (keep, held_out): a seeded, per-label `fraction` of each class is held out."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}")
     by_label: dict[str | None, list[int]] = {}
     for i, label in enumerate(labels):
         by_label.setdefault(label, []).append(i)
@@ -95,7 +107,9 @@ def _named_root(name: str, data_dir: str | None) -> Path:
         if base:
             root = Path(base).expanduser() / name
             if not root.is_dir():
-                raise DataError(f"{root}: no such directory for dataset {name!r} (from {'data_dir' if base == data_dir else DATA_ENV})")
+                raise DataError(
+                    f"{root}: no such directory for dataset {name!r} (from {'data_dir' if base == data_dir else DATA_ENV})"
+                )
             return root
     return BUNDLED_DIR / name
 
@@ -111,12 +125,16 @@ def _load_hub(dataset: str, text_field: str, label_field: str) -> dict[str, Exam
     try:
         dd = datasets.load_dataset(dataset)
     except Exception as err:  # datasets raises many types; the user needs the id and the cause
-        raise DataError(f"cannot load hub dataset {dataset!r}: {type(err).__name__}: {err}") from err
+        raise DataError(
+            f"cannot load hub dataset {dataset!r}: {type(err).__name__}: {err}"
+        ) from err
     names = {"train": ("train",), "val": ("validation", "dev", "val"), "test": ("test",)}
     out: dict[str, Examples | None] = {}
     for split, options in names.items():
         key = next((k for k in options if k in dd), None)
-        out[split] = _hub_examples(dd[key], f"{dataset}[{key}]", text_field, label_field) if key else None
+        out[split] = (
+            _hub_examples(dd[key], f"{dataset}[{key}]", text_field, label_field) if key else None
+        )
     if out["train"] is None:
         raise DataError(f"hub dataset {dataset!r} has no 'train' split (splits: {list(dd)})")
     return out

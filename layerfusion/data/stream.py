@@ -15,19 +15,31 @@ class ShardedStream(IterableDataset):
     (a buffer shuffle, reseeded per epoch with `set_epoch`), so the slots partition the stream.
     """
 
-    def __init__(self, source, label_names: list[str], text_field: str, label_field: str, seed: int, limit: int | None = None, buffer_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        source,
+        label_names: list[str],
+        text_field: str,
+        label_field: str,
+        seed: int,
+        limit: int | None = None,
+        buffer_size: int = 10_000,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         self.source = source
         self.index = {lab: i for i, lab in enumerate(label_names)}
         self.text_field, self.label_field = text_field, label_field
         self.seed, self.limit, self.buffer_size = seed, limit, buffer_size
         self.epoch = 0
+        self.rank, self.world_size = rank, world_size  # None: read from torch.distributed
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for this epoch (same order on every rank)."""
         self.epoch = epoch
 
     def __iter__(self):
-        rank, world = _rank_world()
+        rank, world = _rank_world() if self.rank is None else (self.rank, self.world_size or 1)
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         n, slot = world * workers, rank * workers + worker
@@ -45,7 +57,9 @@ class ShardedStream(IterableDataset):
     def _item(self, row: dict, position: int) -> dict:
         label = str(row[self.label_field])
         if label not in self.index:
-            raise ValueError(f"stream row {position}: label {label!r} is not among the labels {list(self.index)}")
+            raise ValueError(
+                f"stream row {position}: label {label!r} is not among the labels {list(self.index)}"
+            )
         return {"index": position, "text": row[self.text_field], "label": self.index[label]}
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from layerfusion.encoders.taps import LayerTaps, Pooling
+from layerfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,16 @@ log = logging.getLogger(__name__)
 # Each entry matches what the model returns as `output_hidden_states` (checked in tests).
 ARCHITECTURES: dict[str, tuple[str, str, str | None]] = {
     **dict.fromkeys(
-        ["bert", "roberta", "xlm-roberta", "camembert", "mpnet", "deberta", "deberta-v2", "electra"],
+        [
+            "bert",
+            "roberta",
+            "xlm-roberta",
+            "camembert",
+            "mpnet",
+            "deberta",
+            "deberta-v2",
+            "electra",
+        ],
         ("embeddings", "encoder.layer", None),
     ),
     "distilbert": ("embeddings", "transformer.layer", None),
@@ -75,7 +85,9 @@ class FrozenEncoder(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
         """Run the encoder without gradients and return every layer pooled, `[B, L+1, d]` in fp32."""
         self.taps.start(attention_mask)
         extra = {"use_cache": False} if self.model.config.model_type in DECODERS else {}
@@ -101,7 +113,11 @@ class FrozenEncoder(nn.Module):
     def tokenizer_fingerprint(self) -> str:
         """SHA-256 of the tokenizer's full definition."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        text = backend.to_str() if backend is not None else repr(sorted(self.tokenizer.get_vocab().items()))
+        text = (
+            backend.to_str()
+            if backend is not None
+            else repr(sorted(self.tokenizer.get_vocab().items()))
+        )
         text += f"|pad={self.tokenizer.pad_token}|side={self.tokenizer.padding_side}"
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -131,10 +147,14 @@ def load_tokenizer(spec: EncoderSpec, path: str | None = None):
 
     from layerfusion.encoders.offline import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(path or resolve_model(spec.name), trust_remote_code=spec.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path or resolve_model(spec.name), trust_remote_code=spec.trust_remote_code
+    )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {spec.name!r} has neither a pad nor an EOS token to pad with")
+            raise ConfigError(
+                f"tokenizer of {spec.name!r} has neither a pad nor an EOS token to pad with"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -145,14 +165,16 @@ def load_config(spec: EncoderSpec):
 
     from layerfusion.encoders.offline import resolve_model
 
-    return AutoConfig.from_pretrained(resolve_model(spec.name), trust_remote_code=spec.trust_remote_code)
+    return AutoConfig.from_pretrained(
+        resolve_model(spec.name), trust_remote_code=spec.trust_remote_code
+    )
 
 
 def tap_modules(model: nn.Module) -> list[nn.Module]:
     """The modules whose outputs are the model's hidden states 0..L, per architecture."""
     model_type = model.config.model_type
     if model_type not in ARCHITECTURES:
-        raise ValueError(
+        raise ConfigError(
             f"unsupported encoder architecture {model_type!r} ({type(model).__name__}); "
             f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )
@@ -171,16 +193,27 @@ def freeze(model: nn.Module) -> None:
 def clamp_max_length(spec: EncoderSpec, tokenizer, config) -> int:
     """`spec.max_length`, clamped to what the model can take (logged when clamped)."""
     if spec.max_length < 1:
-        raise ValueError(f"max_length of encoder {spec.name!r} must be >= 1, got {spec.max_length}")
+        raise ConfigError(
+            f"max_length of encoder {spec.name!r} must be >= 1, got {spec.max_length}"
+        )
     limits = []
     if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
         limits.append(int(tokenizer.model_max_length))
     positions = getattr(config, "max_position_embeddings", None)
     if positions and getattr(config, "position_biased_input", True):
-        offset = (config.pad_token_id + 1) if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        offset = (
+            (config.pad_token_id + 1)
+            if config.model_type in ("roberta", "xlm-roberta", "camembert")
+            else 0
+        )
         limits.append(int(positions) - offset)
     limit = min(limits) if limits else spec.max_length
     if spec.max_length > limit:
-        log.warning("encoder %s: max_length %d is beyond the model's limit; clamped to %d", spec.name, spec.max_length, limit)
+        log.warning(
+            "encoder %s: max_length %d is beyond the model's limit; clamped to %d",
+            spec.name,
+            spec.max_length,
+            limit,
+        )
         return limit
     return spec.max_length

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from layerfusion.errors import ModelNotFoundError
+
 __all__ = [
     "HF_FILES",
     "KNOWN_MODELS",
@@ -125,7 +127,7 @@ def resolve_model(name: str) -> str:
     if _in_hub_cache(name):
         return name
     known = " (a known model)" if name in KNOWN_MODELS else ""
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"model {name!r} not found. Looked in the local models directory {local} "
         f"(no config.json there; the root is ${MODELS_ENV}, default ~/.cache/layerfusion/models) "
         f"and in the Hugging Face cache {hub_cache} for hub id {name!r} "

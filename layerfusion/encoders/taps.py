@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from layerfusion.errors import ConfigError
+
 Pooling = Literal["mean", "cls", "last"]
 
 
@@ -18,7 +20,7 @@ class LayerTaps:
 
     def __init__(self, modules: list[nn.Module], pooling: Pooling = "mean") -> None:
         if pooling not in ("mean", "cls", "last"):
-            raise ValueError(f"pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
+            raise ConfigError(f"pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
         self.pooling = pooling
         self._mask: torch.Tensor | None = None
         self._pooled: list[torch.Tensor | None] = [None] * len(modules)
@@ -33,7 +35,9 @@ class LayerTaps:
         """The pooled outputs of the last forward pass, `[B, L, d]`."""
         missing = [i for i, p in enumerate(self._pooled) if p is None]
         if missing:
-            raise RuntimeError(f"layer taps {missing} did not fire: was the encoder run after start()?")
+            raise RuntimeError(
+                f"layer taps {missing} did not fire: was the encoder run after start()?"
+            )
         out = torch.stack(self._pooled, dim=1)  # type: ignore[arg-type]
         self._pooled = [None] * len(self._pooled)
         self._mask = None

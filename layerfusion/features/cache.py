@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from layerfusion.encoders.frozen import FrozenEncoder
+from layerfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ class FeatureCache:
     that looks complete. A partial, corrupt or mismatched entry is reported and rebuilt.
     """
 
-    def __init__(self, root: str | Path, dtype: CacheDtype = "float16", batch_size: int = 64) -> None:
+    def __init__(
+        self, root: str | Path, dtype: CacheDtype = "float16", batch_size: int = 64
+    ) -> None:
         if dtype not in ("float16", "float32"):
-            raise ValueError(f"cache dtype must be 'float16' or 'float32', got {dtype!r}")
+            raise ConfigError(f"cache dtype must be 'float16' or 'float32', got {dtype!r}")
         self.root = Path(root).expanduser()
         self.dtype = dtype
         self.batch_size = batch_size
@@ -61,7 +64,13 @@ class FeatureCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return self.root / _safe(key["encoder"]) / f"{key['split']}-{digest}"
 
-    def load_or_build(self, encoder: FrozenEncoder, texts: list[str], split: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    def load_or_build(
+        self,
+        encoder: FrozenEncoder,
+        texts: list[str],
+        split: str,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """The features of `texts`, read from a valid cache entry or extracted and written first."""
         key = self.key(encoder, texts, split)
         path = self.entry_dir(key)
@@ -78,17 +87,34 @@ class FeatureCache:
         self.last_build_seconds = time.perf_counter() - start
         return open_entry(path)
 
-    def _build(self, encoder: FrozenEncoder, texts: list[str], key: dict, path: Path, device) -> None:
+    def _build(
+        self, encoder: FrozenEncoder, texts: list[str], key: dict, path: Path, device
+    ) -> None:
         """Extract into a temporary directory, checksum, then rename into place."""
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             shape = (len(texts), encoder.num_layers, encoder.hidden_size)
-            out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=self.dtype, shape=shape)
-            extract(encoder, texts, out, self.batch_size, device, desc=f"{encoder.spec.key}/{key['split']}")
+            out = np.lib.format.open_memmap(
+                tmp / "features.npy", mode="w+", dtype=self.dtype, shape=shape
+            )
+            extract(
+                encoder,
+                texts,
+                out,
+                self.batch_size,
+                device,
+                desc=f"{encoder.spec.key}/{key['split']}",
+            )
             out.flush()
             del out
-            manifest = {"key": key, "shape": list(shape), "dtype": self.dtype, "rows": len(texts), "sha256": file_sha256(tmp / "features.npy")}
+            manifest = {
+                "key": key,
+                "shape": list(shape),
+                "dtype": self.dtype,
+                "rows": len(texts),
+                "sha256": file_sha256(tmp / "features.npy"),
+            }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             try:
                 os.rename(tmp, path)
@@ -101,7 +127,14 @@ class FeatureCache:
             raise
 
 
-def extract(encoder: FrozenEncoder, texts: list[str], out: np.ndarray, batch_size: int, device, desc: str = "features") -> None:
+def extract(
+    encoder: FrozenEncoder,
+    texts: list[str],
+    out: np.ndarray,
+    batch_size: int,
+    device,
+    desc: str = "features",
+) -> None:
     """Fill `out[i]` with the pooled layers of `texts[i]`, in length-sorted batches (longest first)."""
     from tqdm.auto import tqdm
 
@@ -144,7 +177,9 @@ def verify(path: Path, key: dict) -> str | None:
 
 def open_entry(path: Path) -> torch.Tensor:
     """The cached array, memory-mapped, as a tensor."""
-    array = np.load(path / "features.npy", mmap_mode="c", allow_pickle=False)  # copy-on-write: writable view, file untouched
+    array = np.load(
+        path / "features.npy", mmap_mode="c", allow_pickle=False
+    )  # copy-on-write: writable view, file untouched
     return torch.from_numpy(np.asarray(array))
 
 

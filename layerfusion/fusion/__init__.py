@@ -10,4 +10,12 @@ from layerfusion.fusion.heads import (
     build_head,
 )
 
-__all__ = ["HEADS", "ConcatHead", "GatedFusionHead", "LastLayerHead", "MeanLayersHead", "SingleLayerHead", "build_head"]
+__all__ = [
+    "HEADS",
+    "ConcatHead",
+    "GatedFusionHead",
+    "LastLayerHead",
+    "MeanLayersHead",
+    "SingleLayerHead",
+    "build_head",
+]

@@ -12,23 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerfusion.errors import ConfigError
+
 HeadKind = Literal["gated", "single_layer", "last_layer", "mean_layers", "concat"]
 
 
 class FusionHead(nn.Module):
     """Shared parts: the layer selection per encoder and per-layer normalisation."""
 
-    def __init__(self, dims: dict[str, int], layers: dict[str, list[int]], num_classes: int) -> None:
+    def __init__(
+        self, dims: dict[str, int], layers: dict[str, list[int]], num_classes: int
+    ) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"need at least 2 classes, got {num_classes}")
+            raise ConfigError(f"need at least 2 classes, got {num_classes}")
         missing = set(dims) - set(layers)
         if missing or any(not layers[e] for e in dims):
-            raise ValueError(f"every encoder needs at least one selected layer; missing for {sorted(missing) or [e for e in dims if not layers[e]]}")
+            raise ConfigError(
+                f"every encoder needs at least one selected layer; missing for {sorted(missing) or [e for e in dims if not layers[e]]}"
+            )
         self.dims = dict(dims)
         self.layers = {e: list(layers[e]) for e in dims}
         for e in dims:
-            self.register_buffer(f"_idx_{_safe(e)}", torch.tensor(self.layers[e], dtype=torch.long), persistent=False)
+            self.register_buffer(
+                f"_idx_{_safe(e)}", torch.tensor(self.layers[e], dtype=torch.long), persistent=False
+            )
 
     def selected(self, features: dict[str, torch.Tensor], encoder: str) -> torch.Tensor:
         """The selected layers of one encoder, each layer-normalised: `[B, k, d]`."""
@@ -42,7 +50,9 @@ class GatedFusionHead(FusionHead):
     def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
         super().__init__(dims, layers, num_classes)
         names = list(dims)
-        self.mix = nn.ParameterDict({_safe(e): nn.Parameter(torch.zeros(len(self.layers[e]))) for e in names})
+        self.mix = nn.ParameterDict(
+            {_safe(e): nn.Parameter(torch.zeros(len(self.layers[e]))) for e in names}
+        )
         self.proj = nn.ModuleDict({_safe(e): nn.Linear(dims[e], hidden) for e in names})
         self.gate = nn.Linear(hidden * len(names), len(names))
         self.dropout = nn.Dropout(dropout)
@@ -84,7 +94,9 @@ class SingleLayerHead(MeanLayersHead):
     def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
         wrong = {e: layers.get(e) for e in dims if len(layers.get(e) or []) != 1}
         if wrong:
-            raise ValueError(f"single_layer head needs exactly one layer per encoder, got {wrong}; set model.layers")
+            raise ConfigError(
+                f"single_layer head needs exactly one layer per encoder, got {wrong}; set model.layers"
+            )
         super().__init__(dims, layers, num_classes, hidden, dropout)
 
 
@@ -101,7 +113,9 @@ class ConcatHead(FusionHead):
         self.mlp = _mlp(width, hidden, num_classes, dropout)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.mlp(torch.cat([self.selected(features, e).flatten(1) for e in self.dims], dim=-1))
+        return self.mlp(
+            torch.cat([self.selected(features, e).flatten(1) for e in self.dims], dim=-1)
+        )
 
 
 HEADS: dict[str, type[FusionHead]] = {
@@ -124,31 +138,41 @@ def build_head(
 ) -> FusionHead:
     """Build a head; `layers=None` means all layers (the last one for `last_layer`)."""
     if kind not in HEADS:
-        raise ValueError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
+        raise ConfigError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     layers = resolve_layers(kind, num_layers, layers)
     return HEADS[kind](dims, layers, num_classes, hidden=hidden, dropout=dropout)
 
 
-def resolve_layers(kind: str, num_layers: dict[str, int], layers: dict[str, list[int]] | None) -> dict[str, list[int]]:
+def resolve_layers(
+    kind: str, num_layers: dict[str, int], layers: dict[str, list[int]] | None
+) -> dict[str, list[int]]:
     """The layer selection per encoder, checked against each encoder's depth."""
     if kind == "last_layer":
         return {e: [n - 1] for e, n in num_layers.items()}
     layers = layers or {}
     unknown = set(layers) - set(num_layers)
     if unknown:
-        raise ValueError(f"layers given for unknown encoders {sorted(unknown)}; encoders are {sorted(num_layers)}")
+        raise ConfigError(
+            f"layers given for unknown encoders {sorted(unknown)}; encoders are {sorted(num_layers)}"
+        )
     out = {}
     for e, n in num_layers.items():
         chosen = sorted({i if i >= 0 else n + i for i in layers.get(e, range(n))})
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
-            raise ValueError(f"encoder {e!r} has layers 0..{n - 1} (0 = embeddings); got {bad}")
+            raise ConfigError(f"encoder {e!r} has layers 0..{n - 1} (0 = embeddings); got {bad}")
         out[e] = chosen
     return out
 
 
 def _mlp(width: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(width, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 def _safe(name: str) -> str:

@@ -1,0 +1,96 @@
+"""Shared fixtures: real data paths, tiny random models of each architecture, global-state hygiene."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+ARCHS = ["bert", "roberta", "deberta-v2", "mpnet", "gpt2", "llama"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Tests must not leak the default dtype or the grad mode."""
+    dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The real all-MiniLM-L6-v2 directory (materialised by `make models-test`)."""
+    from layerfusion.encoders.offline import resolve_model
+
+    return resolve_model(MINILM)
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A 2-layer, 32-wide random config of `arch`."""
+    from transformers import (
+        BertConfig,
+        DebertaV2Config,
+        GPT2Config,
+        LlamaConfig,
+        MPNetConfig,
+        RobertaConfig,
+    )
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return {
+        "bert": lambda: BertConfig(**common),
+        "roberta": lambda: RobertaConfig(**common, pad_token_id=0),
+        "deberta-v2": lambda: DebertaV2Config(**common),
+        "mpnet": lambda: MPNetConfig(**common, pad_token_id=0),
+        "gpt2": lambda: GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, bos_token_id=101, eos_token_id=102),
+        "llama": lambda: LlamaConfig(**common, num_key_value_heads=2, bos_token_id=101, eos_token_id=102, pad_token_id=0),
+    }[arch]()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, minilm_dir) -> dict[str, str]:
+    """Directories of tiny random models, one per architecture, each with MiniLM's (real) tokenizer."""
+    from transformers import AutoModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = json.loads((Path(minilm_dir) / "config.json").read_text())["vocab_size"]
+    out = {}
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        path = root / arch
+        AutoModel.from_config(tiny_config(arch, vocab)).save_pretrained(path)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            if (Path(minilm_dir) / f).exists():
+                shutil.copy(Path(minilm_dir) / f, path / f)
+        out[arch] = str(path)
+    return out
+
+
+@pytest.fixture
+def sst2_slice(tmp_path, shared_data) -> Path:
+    """A small local dataset directory cut from the real SST-2 (train 200, dev 80, test 80)."""
+    out = tmp_path / "sst2_slice"
+    out.mkdir()
+    for split, n in (("train", 200), ("dev", 80), ("test", 80)):
+        lines = (shared_data / "sst2" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
