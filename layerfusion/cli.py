@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from lightning.pytorch.cli import LightningCLI
 
 from layerfusion.data.datamodule import TextClassificationDataModule
@@ -20,6 +22,7 @@ class LayerFusionCLI(LightningCLI):
 
 def cli_main(args=None) -> LayerFusionCLI:
     """Run the CLI (`args` None = sys.argv)."""
+    _log_to_stderr()
     return LayerFusionCLI(
         LayerFusionModule,
         TextClassificationDataModule,
@@ -27,3 +30,13 @@ def cli_main(args=None) -> LayerFusionCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def _log_to_stderr() -> None:
+    """Show layerfusion's INFO messages (extraction progress, cache hits) like Lightning's own."""
+    logger = logging.getLogger("layerfusion")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[layerfusion] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

@@ -137,7 +137,9 @@ class LayerFusionModule(L.LightningModule):
         dm = self.trainer.datamodule
         device = self.trainer.strategy.root_device
         for split in STAGE_SPLITS.get(stage, []):
-            self.features[split] = self.extract_split(dm.texts(split), split, device)
+            # predicting on the test split reads the test split's cache entry
+            name = "test" if split == "predict" and dm.predict_path is None else split
+            self.features[split] = self.extract_split(dm.texts(split), name, device)
 
     def extract_split(
         self, texts: list[str], split: str, device: torch.device | str = "cpu"
@@ -161,7 +163,9 @@ class LayerFusionModule(L.LightningModule):
     def batch_features(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         """`{encoder: [B, L, d]}` for a batch: looked up in the cache, or computed by the encoders."""
         if self.hparams.features == "online":
-            return {k: enc(**batch["inputs"][k]) for k, enc in self.encoders.items()}
+            return {
+                k: enc(**batch["inputs"][k]) for k, enc in self.encoders.items()
+            }  # input_ids, attention_mask
         rows = batch["index"].cpu()
         return {
             k: feats[rows].to(self.device, torch.float32)

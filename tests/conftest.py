@@ -55,14 +55,29 @@ def tiny_config(arch: str, vocab_size: int):
         RobertaConfig,
     )
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
     return {
         "bert": lambda: BertConfig(**common),
         "roberta": lambda: RobertaConfig(**common, pad_token_id=0),
         "deberta-v2": lambda: DebertaV2Config(**common),
         "mpnet": lambda: MPNetConfig(**common, pad_token_id=0),
-        "gpt2": lambda: GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, bos_token_id=101, eos_token_id=102),
-        "llama": lambda: LlamaConfig(**common, num_key_value_heads=2, bos_token_id=101, eos_token_id=102, pad_token_id=0),
+        "gpt2": lambda: GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=101,
+            eos_token_id=102,
+        ),
+        "llama": lambda: LlamaConfig(
+            **common, num_key_value_heads=2, bos_token_id=101, eos_token_id=102, pad_token_id=0
+        ),
     }[arch]()
 
 
@@ -78,7 +93,12 @@ def tiny_models(tmp_path_factory, minilm_dir) -> dict[str, str]:
         torch.manual_seed(0)
         path = root / arch
         AutoModel.from_config(tiny_config(arch, vocab)).save_pretrained(path)
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        for f in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ):
             if (Path(minilm_dir) / f).exists():
                 shutil.copy(Path(minilm_dir) / f, path / f)
         out[arch] = str(path)
@@ -91,6 +111,8 @@ def sst2_slice(tmp_path, shared_data) -> Path:
     out = tmp_path / "sst2_slice"
     out.mkdir()
     for split, n in (("train", 200), ("dev", 80), ("test", 80)):
-        lines = (shared_data / "sst2" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        lines = (
+            (shared_data / "sst2" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        )
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

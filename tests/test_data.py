@@ -17,7 +17,9 @@ from layerfusion.encoders.frozen import EncoderSpec
 
 
 def _write(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -59,24 +61,29 @@ def test_reader_reads_gzip_ints_and_optional_labels(tmp_path):
 def test_bundled_datasets_equal_the_shared_copies(shared_data):
     for name in NAMED_DATASETS:
         for gz in sorted((BUNDLED_DIR / name).glob("*.jsonl.gz")):
-            assert gzip.decompress(gz.read_bytes()) == (shared_data / name / gz.name[:-3]).read_bytes(), gz
+            assert (
+                gzip.decompress(gz.read_bytes()) == (shared_data / name / gz.name[:-3]).read_bytes()
+            ), gz
 
 
 def test_unknown_dataset_lists_the_known_names():
     dm = TextClassificationDataModule(dataset="sst3")
     with pytest.raises(DataError, match=r"unknown dataset 'sst3'.*sst2, sst2_glue, mr, r8, r52"):
-        dm.label_names
+        _ = dm.label_names
 
 
 def test_missing_split_file(tmp_path):
     (tmp_path / "only_test").mkdir()
     _write(tmp_path / "only_test" / "test.jsonl", [{"text": "a", "label": "0"}])
     with pytest.raises(DataError, match=r"only_test: no train\.jsonl"):
-        TextClassificationDataModule(dataset=str(tmp_path / "only_test")).label_names
+        _ = TextClassificationDataModule(dataset=str(tmp_path / "only_test")).label_names
     (tmp_path / "sst2").mkdir()
-    _write(tmp_path / "sst2" / "train.jsonl", [{"text": "a", "label": "0"}, {"text": "b", "label": "1"}])
+    _write(
+        tmp_path / "sst2" / "train.jsonl",
+        [{"text": "a", "label": "0"}, {"text": "b", "label": "1"}],
+    )
     with pytest.raises(DataError, match=r"missing dev\.jsonl for the val split of 'sst2'"):
-        TextClassificationDataModule(dataset="sst2", data_dir=str(tmp_path)).label_names
+        _ = TextClassificationDataModule(dataset="sst2", data_dir=str(tmp_path)).label_names
 
 
 def test_unseen_test_label_names_file_and_line(tmp_path):
@@ -94,7 +101,7 @@ def test_single_label_train_is_rejected(tmp_path):
     d.mkdir()
     _write(d / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}])
     with pytest.raises(DataError, match="1 distinct label"):
-        TextClassificationDataModule(dataset=str(d)).label_names
+        _ = TextClassificationDataModule(dataset=str(d)).label_names
 
 
 def test_label_map_is_sorted_numerically_when_numeric():
@@ -118,7 +125,9 @@ def test_named_dataset_splits_never_touch_test(shared_data):
     train, val = dm.splits["train"], dm.splits["val"]
     assert len(train) + len(val) == 5485 and 540 <= len(val) <= 560
     assert not (set(val.texts) - set(read_jsonl(shared_data / "r8" / "train.jsonl").texts))
-    assert len(test_texts & set(val.texts)) <= len(test_texts & set(train.texts)) + 0  # val comes from train only
+    assert (
+        len(test_texts & set(val.texts)) <= len(test_texts & set(train.texts)) + 0
+    )  # val comes from train only
     assert dm.label_names == sorted(set(train.labels))
     dm.setup("test")
     assert len(dm.splits["test"]) == 2189
@@ -131,26 +140,39 @@ def test_sst2_glue_uses_glue_validation_as_test():
 
 
 def test_collator_pads_per_batch_per_encoder(tiny_models):
-    specs = [EncoderSpec(tiny_models["bert"], max_length=8, alias="short"), EncoderSpec(tiny_models["gpt2"], max_length=32, alias="long")]
+    specs = [
+        EncoderSpec(tiny_models["bert"], max_length=8, alias="short"),
+        EncoderSpec(tiny_models["gpt2"], max_length=32, alias="long"),
+    ]
     dm = TextClassificationDataModule(encoders=specs, features="online")
     collate = Collator(dm.tokenizers())
-    rows = [{"index": 0, "text": "tiny", "label": 0}, {"index": 1, "text": "a much longer text " * 10, "label": 1}]
+    rows = [
+        {"index": 0, "text": "tiny", "label": 0},
+        {"index": 1, "text": "a much longer text " * 10, "label": 1},
+    ]
     batch = collate(rows)
     assert batch["labels"].tolist() == [0, 1] and batch["index"].tolist() == [0, 1]
     assert batch["inputs"]["short"]["input_ids"].shape[1] == 8
     assert 8 < batch["inputs"]["long"]["input_ids"].shape[1] <= 32
-    assert batch["inputs"]["long"]["attention_mask"][0].sum() < batch["inputs"]["long"]["attention_mask"][1].sum()
+    assert (
+        batch["inputs"]["long"]["attention_mask"][0].sum()
+        < batch["inputs"]["long"]["attention_mask"][1].sum()
+    )
     assert "inputs" not in Collator(None)(rows)
 
 
 def test_stream_shards_are_equal_disjoint_and_cover_the_stream(tmp_path):
     import datasets
 
-    path = _write(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": str(i % 3)} for i in range(103)])
+    path = _write(
+        tmp_path / "train.jsonl", [{"text": f"t{i}", "label": str(i % 3)} for i in range(103)]
+    )
     source = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
     shards = []
     for rank in range(2):
-        stream = ShardedStream(source, ["0", "1", "2"], "text", "label", seed=5, rank=rank, world_size=2)
+        stream = ShardedStream(
+            source, ["0", "1", "2"], "text", "label", seed=5, rank=rank, world_size=2
+        )
         shards.append([row["text"] for row in stream])
     assert len(shards[0]) == len(shards[1]) == 51  # 103 rows: the last odd one is dropped
     assert not set(shards[0]) & set(shards[1])

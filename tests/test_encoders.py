@@ -6,11 +6,21 @@ import pytest
 import torch
 from conftest import ARCHS
 
-from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, clamp_max_length, load_pretrained, tap_modules
+from layerfusion.encoders.frozen import (
+    EncoderSpec,
+    FrozenEncoder,
+    clamp_max_length,
+    load_pretrained,
+    tap_modules,
+)
 from layerfusion.encoders.taps import pool
 from layerfusion.errors import ConfigError
 
-TEXTS = ["a short one .", "a rather longer sentence that needs more tokens than the first one does", "mid length text here"]
+TEXTS = [
+    "a short one .",
+    "a rather longer sentence that needs more tokens than the first one does",
+    "mid length text here",
+]
 
 
 def _encoder(path: str, pooling: str = "mean", **kw) -> FrozenEncoder:
@@ -22,14 +32,22 @@ def _encoder(path: str, pooling: str = "mean", **kw) -> FrozenEncoder:
 def test_taps_equal_pooled_output_hidden_states(tiny_models, arch, pooling):
     enc = _encoder(tiny_models[arch], pooling)
     batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
-    assert batch["attention_mask"].min() == 0, "the batch must contain padding for this test to mean anything"
+    assert batch["attention_mask"].min() == 0, (
+        "the batch must contain padding for this test to mean anything"
+    )
     tapped = enc(batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
-        ref = enc.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states
+        ref = enc.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=True,
+        ).hidden_states
     assert tapped.shape == (len(TEXTS), len(ref), enc.hidden_size)
     assert enc.num_layers == len(ref) == 3  # embeddings + 2 blocks
     for i, h in enumerate(ref):
-        torch.testing.assert_close(tapped[:, i], pool(h, batch["attention_mask"], pooling), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            tapped[:, i], pool(h, batch["attention_mask"], pooling), atol=1e-5, rtol=0
+        )
 
 
 def test_pooling_by_hand():
@@ -38,7 +56,9 @@ def test_pooling_by_hand():
     torch.testing.assert_close(pool(hidden, mask, "mean"), torch.tensor([[1.0, 2.0], [8.0, 9.0]]))
     torch.testing.assert_close(pool(hidden, mask, "cls"), torch.tensor([[0.0, 1.0], [6.0, 7.0]]))
     torch.testing.assert_close(pool(hidden, mask, "last"), torch.tensor([[2.0, 3.0], [10.0, 11.0]]))
-    left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: last token is still the last real one
+    left = torch.tensor(
+        [[0, 1, 1], [1, 1, 1]]
+    )  # left padding: last token is still the last real one
     torch.testing.assert_close(pool(hidden, left, "last"), torch.tensor([[4.0, 5.0], [10.0, 11.0]]))
 
 
@@ -87,7 +107,9 @@ def test_max_length_is_clamped_with_a_warning(tiny_models, caplog):
 def test_unsupported_architecture_is_named():
     from transformers import AutoModel, T5Config
 
-    model = AutoModel.from_config(T5Config(vocab_size=50, d_model=16, num_layers=1, num_heads=2, d_ff=32, d_kv=8))
+    model = AutoModel.from_config(
+        T5Config(vocab_size=50, d_model=16, num_layers=1, num_heads=2, d_ff=32, d_kv=8)
+    )
     with pytest.raises(ConfigError, match="unsupported encoder architecture 't5'.*supported: bert"):
         tap_modules(model)
 

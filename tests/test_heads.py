@@ -40,7 +40,9 @@ def test_gated_head_mixes_layers_and_gates_per_example():
 
 
 def test_head_reads_only_its_selected_layers():
-    head = build_head("mean_layers", DIMS, NUM_LAYERS, {"small": [1], "big": [2]}, num_classes=2, hidden=12).eval()
+    head = build_head(
+        "mean_layers", DIMS, NUM_LAYERS, {"small": [1], "big": [2]}, num_classes=2, hidden=12
+    ).eval()
     feats = _features()
     before = head(feats)
     feats["small"][:, 0] += 100.0 * torch.randn_like(feats["small"][:, 0])  # an unselected layer
@@ -50,7 +52,10 @@ def test_head_reads_only_its_selected_layers():
 
 
 def test_resolve_layers():
-    assert resolve_layers("gated", NUM_LAYERS, None) == {"small": [0, 1, 2, 3], "big": [0, 1, 2, 3, 4, 5]}
+    assert resolve_layers("gated", NUM_LAYERS, None) == {
+        "small": [0, 1, 2, 3],
+        "big": [0, 1, 2, 3, 4, 5],
+    }
     assert resolve_layers("last_layer", NUM_LAYERS, None) == {"small": [3], "big": [5]}
     assert resolve_layers("gated", NUM_LAYERS, {"small": [-1, 0]})["small"] == [0, 3]
     with pytest.raises(ConfigError, match=r"'big' has layers 0..5.*\[9\]"):
@@ -69,7 +74,9 @@ def test_bad_head_configs_are_named():
 
 
 def test_gated_head_for_minilm_and_mpnet_is_small():
-    head = build_head("gated", {"minilm": 384, "mpnet": 768}, {"minilm": 7, "mpnet": 13}, None, num_classes=52)
+    head = build_head(
+        "gated", {"minilm": 384, "mpnet": 768}, {"minilm": 7, "mpnet": 13}, None, num_classes=52
+    )
     params = sum(p.numel() for p in head.parameters())
     # weights + two AdamW moments in fp32 must fit the 5 MB checkpoint budget
     assert params * 4 * 3 < 5e6, params

@@ -246,18 +246,16 @@ class Collator:
         }
         if self.tokenizers:
             texts = [r["text"] for r in rows]
-            batch["inputs"] = {
-                key: dict(
-                    tok(
-                        texts,
-                        truncation=True,
-                        max_length=max_len,
-                        padding=True,
-                        return_tensors="pt",
-                    )
+            batch["inputs"] = {}
+            for key, (tok, max_len) in self.tokenizers.items():
+                enc = tok(
+                    texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
                 )
-                for key, (tok, max_len) in self.tokenizers.items()
-            }
+                # single texts: no token_type_ids (GPT-2 would embed them with its token table)
+                batch["inputs"][key] = {
+                    "input_ids": enc["input_ids"],
+                    "attention_mask": enc["attention_mask"],
+                }
         return batch
 
 

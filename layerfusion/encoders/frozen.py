@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -111,13 +112,18 @@ class FrozenEncoder(nn.Module):
         return self._fingerprint
 
     def tokenizer_fingerprint(self) -> str:
-        """SHA-256 of the tokenizer's full definition."""
+        """SHA-256 of the tokenizer's definition (vocab, normalizer, special tokens; not its call state)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        text = (
-            backend.to_str()
-            if backend is not None
-            else repr(sorted(self.tokenizer.get_vocab().items()))
-        )
+        if backend is not None:
+            definition = json.loads(backend.to_str())
+            for transient in (
+                "truncation",
+                "padding",
+            ):  # set by each call, not part of the tokenizer
+                definition.pop(transient, None)
+            text = json.dumps(definition, sort_keys=True)
+        else:
+            text = repr(sorted(self.tokenizer.get_vocab().items()))
         text += f"|pad={self.tokenizer.pad_token}|side={self.tokenizer.padding_side}"
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -84,7 +84,16 @@ class FeatureCache:
             shutil.rmtree(path, ignore_errors=True)
         start = time.perf_counter()
         self._build(encoder, texts, key, path, device)
-        self.last_build_seconds = time.perf_counter() - start
+        self.last_build_seconds = seconds = time.perf_counter() - start
+        log.info(
+            "extracted %s/%s: %d rows in %.1f s (%.0f ex/s) -> %s",
+            encoder.spec.key,
+            split,
+            len(texts),
+            seconds,
+            len(texts) / seconds,
+            path,
+        )
         return open_entry(path)
 
     def _build(

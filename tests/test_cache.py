@@ -1,0 +1,127 @@
+"""FeatureCache: hits, misses on any key change, corrupt/partial entries rebuilt, online == cached."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+from layerfusion.features.cache import FeatureCache
+
+TEXTS = [f"sentence number {i} " + "word " * (i % 7) for i in range(23)]
+
+
+@pytest.fixture
+def encoder(tiny_models) -> FrozenEncoder:
+    return FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16))
+
+
+def test_build_then_hit(tmp_path, encoder):
+    cache = FeatureCache(tmp_path, "float32", batch_size=4)
+    first = cache.load_or_build(encoder, TEXTS, "train")
+    assert first.shape == (23, 3, 32) and cache.last_build_seconds > 0
+    again = cache.load_or_build(encoder, TEXTS, "train")
+    assert cache.last_build_seconds == 0.0
+    assert torch.equal(first, again)
+    entries = [p for p in tmp_path.rglob("manifest.json")]
+    assert len(entries) == 1
+    manifest = json.loads(entries[0].read_text())
+    assert (
+        manifest["rows"] == 23
+        and manifest["shape"] == [23, 3, 32]
+        and len(manifest["sha256"]) == 64
+    )
+
+
+def test_cached_features_equal_one_batch_online_forward(tmp_path, encoder):
+    feats = FeatureCache(tmp_path, "float32", batch_size=5).load_or_build(encoder, TEXTS, "train")
+    batch = encoder.tokenizer(
+        TEXTS, truncation=True, max_length=16, padding=True, return_tensors="pt"
+    )
+    online = encoder(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(feats, online, atol=1e-5, rtol=1e-4)
+    half = FeatureCache(tmp_path / "h", "float16").load_or_build(encoder, TEXTS, "train")
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), online, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e, t: (EncoderSpec(e.spec.name, max_length=8), t),
+        lambda e, t: (EncoderSpec(e.spec.name, max_length=16, pooling="cls"), t),
+        lambda e, t: (e.spec, t[:-1] + ["a different last text"]),
+    ],
+    ids=["max_length", "pooling", "data"],
+)
+def test_any_key_change_is_a_new_entry(tmp_path, encoder, change):
+    cache = FeatureCache(tmp_path, "float32")
+    cache.load_or_build(encoder, TEXTS, "train")
+    spec, texts = change(encoder, TEXTS)
+    other = FrozenEncoder(spec) if spec is not encoder.spec else encoder
+    assert cache.entry_dir(cache.key(other, texts, "train")) != cache.entry_dir(
+        cache.key(encoder, TEXTS, "train")
+    )
+    cache.load_or_build(other, texts, "train")
+    assert cache.last_build_seconds > 0
+    assert len(list(tmp_path.rglob("manifest.json"))) == 2
+
+
+def test_changed_weights_are_a_new_entry(tmp_path, encoder, tiny_models):
+    cache = FeatureCache(tmp_path, "float32")
+    k1 = cache.key(encoder, TEXTS, "train")
+    other = FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16))
+    with torch.no_grad():
+        other.model.encoder.layer[0].output.dense.bias.add_(0.5)
+    assert cache.key(other, TEXTS, "train")["weights_sha256"] != k1["weights_sha256"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "no_manifest"])
+def test_damaged_entry_is_detected_and_rebuilt(tmp_path, encoder, caplog, damage):
+    cache = FeatureCache(tmp_path, "float32")
+    good = cache.load_or_build(encoder, TEXTS, "train").clone()
+    entry = cache.entry_dir(cache.key(encoder, TEXTS, "train"))
+    array = entry / "features.npy"
+    if damage == "truncate":
+        array.write_bytes(array.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(array.read_bytes())
+        data[-5] ^= 0xFF
+        array.write_bytes(bytes(data))
+    elif damage == "manifest":
+        (entry / "manifest.json").write_text("{not json")
+    else:
+        (entry / "manifest.json").unlink()
+    with caplog.at_level("WARNING"):
+        rebuilt = cache.load_or_build(encoder, TEXTS, "train")
+    assert "unusable" in caplog.text and "rebuilding" in caplog.text
+    assert cache.last_build_seconds > 0
+    assert torch.equal(rebuilt, good)
+
+
+def test_interrupted_build_leaves_no_entry(tmp_path, encoder, monkeypatch):
+    import layerfusion.features.cache as cache_mod
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cache = FeatureCache(tmp_path, "float32")
+    monkeypatch.setattr(cache_mod, "file_sha256", boom)  # dies after the array is written
+    with pytest.raises(KeyboardInterrupt):
+        cache.load_or_build(encoder, TEXTS, "train")
+    assert not list(tmp_path.rglob("features.npy"))
+    monkeypatch.undo()
+    assert cache.load_or_build(encoder, TEXTS, "train").shape[0] == 23
+
+
+def test_length_sorted_extraction_restores_row_order(tmp_path, encoder):
+    texts = ["short", "a much much longer text with many many tokens in it", "mid sized text"]
+    feats = FeatureCache(tmp_path, "float32", batch_size=1).load_or_build(encoder, texts, "x")
+    for i, t in enumerate(texts):
+        b = encoder.tokenizer([t], return_tensors="pt")
+        np.testing.assert_allclose(
+            feats[i].numpy(), encoder(b["input_ids"], b["attention_mask"])[0].numpy(), atol=1e-5
+        )

@@ -1,0 +1,131 @@
+"""End to end: the real CLI in subprocesses, real all-MiniLM-L6-v2, a slice of real SST-2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import MINILM, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerfusion", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"layerfusion {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def _metrics(csv_dir: Path) -> dict[str, float]:
+    rows = list(csv.DictReader(next(csv_dir.rglob("metrics.csv")).open()))
+    return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, shared_data) -> Path:
+    """A config for MiniLM on SST-2 (600 train / 200 dev / 200 test), turned into a full config by --print_config."""
+    d = tmp_path_factory.mktemp("cli")
+    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
+    cfg["model"]["cache_dir"] = str(d / "cache")
+    cfg["data"].update(
+        dataset="sst2", data_dir=str(shared_data), max_train_samples=600, max_eval_samples=200
+    )
+    cfg["trainer"]["max_epochs"] = 6
+    text = yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run"))
+    (d / "small.yaml").write_text(text)
+    full = run_cli("fit", "--config", "small.yaml", "--print_config", cwd=d).stdout
+    (d / "full.yaml").write_text(full)
+    assert yaml.safe_load(full)["model"]["head"] == "gated"
+    return d
+
+
+def test_fit_validate_test_predict(run_dir):
+    d = run_dir
+    fit = run_cli("fit", "--config", "full.yaml", cwd=d)
+    assert "extracted all-MiniLM-L6-v2/train: 600 rows" in fit.stderr
+    best = d / "run" / "checkpoints" / "best.ckpt"
+    assert best.is_file() and best.stat().st_size < 5e6
+    ckpt = torch.load(best, weights_only=True)
+    assert all(k.startswith("head.") for k in ckpt["state_dict"])
+    assert ckpt["layerfusion"]["label_names"] == ["0", "1"]
+    best_val = max(
+        v["best_model_score"].item()
+        for k, v in ckpt["callbacks"].items()
+        if k.startswith("ModelCheckpoint")
+    )
+    assert best_val > 0.7  # MiniLM's layers separate SST-2 well even from 600 examples
+
+    logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir"]
+    val = run_cli(
+        "validate",
+        "--config",
+        "full.yaml",
+        "--ckpt_path",
+        str(best),
+        *logger,
+        str(d / "val"),
+        cwd=d,
+    )
+    assert "feature cache hit" in val.stderr  # the dev features were extracted once, by fit
+    assert _metrics(d / "val")["val_acc"] == pytest.approx(best_val, abs=0)
+
+    run_cli(
+        "test", "--config", "full.yaml", "--ckpt_path", str(best), *logger, str(d / "test"), cwd=d
+    )
+    test_acc = _metrics(d / "test")["test_acc"]
+    assert 0.6 < test_acc <= 1.0
+
+    run_cli("predict", "--config", "full.yaml", "--ckpt_path", str(best), cwd=d)
+    rows = [json.loads(line) for line in (d / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 200
+    assert set(rows[0]) == {"text", "label", "probs", "gold"}
+    assert all(
+        abs(sum(r["probs"].values()) - 1) < 1e-4
+        and r["label"] == max(r["probs"], key=r["probs"].get)
+        for r in rows
+    )
+    assert sum(r["label"] == r["gold"] for r in rows) / len(rows) == pytest.approx(
+        test_acc, abs=1e-6
+    )
+
+
+def test_user_errors_are_one_clear_line(run_dir):
+    bad = run_cli(
+        "fit", "--config", "full.yaml", "--data.dataset", "sst3", cwd=run_dir, check=False
+    )
+    assert bad.returncode == 2
+    assert (
+        "layerfusion: error: unknown dataset 'sst3'" in bad.stderr and "Traceback" not in bad.stderr
+    )
+    missing = run_cli(
+        "fit",
+        "--config",
+        "full.yaml",
+        "--model.encoders",
+        '[{"name": "nobody/nothing"}]',
+        cwd=run_dir,
+        check=False,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "nobody/nothing" in missing.stderr and "make models" in missing.stderr
+    typo = run_cli("fit", "--config", "full.yaml", "--model.hiden", "3", cwd=run_dir, check=False)
+    assert typo.returncode != 0 and "hiden" in typo.stderr
