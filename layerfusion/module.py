@@ -132,11 +132,19 @@ class LayerFusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Extract (or read from the cache) the features of every split this stage needs."""
+        self.prepare_features(stage)
+
+    def prepare_features(self, stage: str) -> None:
+        """Make `self.features[split]` ready for each split of `stage` (idempotent; callbacks may call it
+        from their own `setup`, which runs before this module's)."""
         if self.hparams.features != "cached":
             return
         dm = self.trainer.datamodule
+        dm.setup(stage)
         device = self.trainer.strategy.root_device
         for split in STAGE_SPLITS.get(stage, []):
+            if split in self.features:
+                continue
             # predicting on the test split reads the test split's cache entry
             name = "test" if split == "predict" and dm.predict_path is None else split
             self.features[split] = self.extract_split(dm.texts(split), name, device)

@@ -143,13 +143,21 @@ def extract(
     batch_size: int,
     device,
     desc: str = "features",
+    sort_by_length: bool = True,
 ) -> None:
-    """Fill `out[i]` with the pooled layers of `texts[i]`, in length-sorted batches (longest first)."""
+    """Fill `out[i]` with the pooled layers of `texts[i]`, in length-sorted batches (longest first).
+
+    `sort_by_length=False` keeps the given order (only for measuring what bucketing saves).
+    """
     from tqdm.auto import tqdm
 
     tok = encoder.tokenizer
     ids = tok(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
-    order = sorted(range(len(texts)), key=lambda i: len(ids[i]), reverse=True)
+    order = (
+        sorted(range(len(texts)), key=lambda i: len(ids[i]), reverse=True)
+        if sort_by_length
+        else list(range(len(texts)))
+    )
     encoder.to(device)
     bar = tqdm(total=len(texts), desc=f"extract {desc}", unit="ex", disable=None)
     with torch.inference_mode():
