@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
 from layerfusion.errors import ConfigError
 from layerfusion.features.cache import CacheDtype, FeatureCache
-from layerfusion.fusion.heads import HeadKind, build_head
+from layerfusion.fusion.heads import HeadKind, _safe, build_head
 
 log = logging.getLogger(__name__)
 STAGE_SPLITS = {
@@ -152,19 +152,18 @@ class LayerFusionModule(L.LightningModule):
     def extract_split(
         self, texts: list[str], split: str, device: torch.device | str = "cpu"
     ) -> dict[str, torch.Tensor]:
-        """Cached features `{encoder: [N, L, d]}` of `texts` (rank 0 builds missing entries, others wait)."""
+        """Cached features `{encoder: [N, L, d]}` of `texts`; under DDP each rank extracts its shard."""
         trainer = self._trainer
-        distributed = trainer is not None and trainer.world_size > 1
+        shard, barrier = (0, 1), None
+        if trainer is not None and trainer.world_size > 1:
+            shard = (trainer.global_rank, trainer.world_size)
+            barrier = lambda: trainer.strategy.barrier("layerfusion-features")  # noqa: E731
         out, seconds = {}, 0.0
         for key, encoder in self.encoders.items():
-            if distributed and trainer.global_rank != 0:
-                trainer.strategy.barrier("layerfusion-extract")
-                out[key] = self.cache.load_or_build(encoder, texts, split, device)
-                continue
-            out[key] = self.cache.load_or_build(encoder, texts, split, device)
+            out[key] = self.cache.load_or_build(
+                encoder, texts, split, device, shard=shard, barrier=barrier
+            )
             seconds += self.cache.last_build_seconds or 0.0
-            if distributed:
-                trainer.strategy.barrier("layerfusion-extract")
         self.extract_seconds[split] = seconds
         return out
 
@@ -238,15 +237,19 @@ class LayerFusionModule(L.LightningModule):
         )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load a head-only state dict (keys `head.*`)."""
+        """Load a head-only state dict (keys `head.*`); a head over other layers is rebuilt first."""
         foreign = [k for k in state_dict if not k.startswith("head.")]
         if foreign:
             raise KeyError(
                 f"checkpoint state_dict has keys outside the head (e.g. {foreign[:3]}); not a layerfusion checkpoint"
             )
-        return self.head.load_state_dict(
-            {k[len("head.") :]: v for k, v in state_dict.items()}, strict=strict, assign=assign
-        )
+        state = {k[len("head.") :]: v for k, v in state_dict.items()}
+        saved = {e: state[f"_idx_{_safe(e)}"].tolist() for e in self.selection if f"_idx_{_safe(e)}" in state}
+        if any(saved[e] != self.selection[e] for e in saved):  # e.g. ddp_spawn hands back a selected head
+            self.set_selection({**self.selection, **saved})
+        for name, buf in self.head.named_buffers():  # checkpoints written before the indices were saved
+            state.setdefault(name, buf)
+        return self.head.load_state_dict(state, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["layerfusion"] = {

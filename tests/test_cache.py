@@ -125,3 +125,26 @@ def test_length_sorted_extraction_restores_row_order(tmp_path, encoder):
         np.testing.assert_allclose(
             feats[i].numpy(), encoder(b["input_ids"], b["attention_mask"])[0].numpy(), atol=1e-5
         )
+
+
+def test_sharded_build_equals_single_process_build(tmp_path, encoder):
+    """Two ranks (threads here, sharing a real barrier) extract half each; rank 0 merges."""
+    import threading
+
+    single = FeatureCache(tmp_path / "one", "float32").load_or_build(encoder, TEXTS, "train")
+    cache = FeatureCache(tmp_path / "two", "float32", batch_size=4)
+    gate = threading.Barrier(2)
+    results: dict[int, torch.Tensor] = {}
+
+    def rank(r: int) -> None:
+        results[r] = cache.load_or_build(encoder, TEXTS, "train", shard=(r, 2), barrier=gate.wait)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    torch.testing.assert_close(results[0], single, atol=1e-5, rtol=1e-4)
+    assert torch.equal(results[0], results[1])
+    assert not list((tmp_path / "two").rglob("*part*"))  # parts merged and removed
+    assert len(list((tmp_path / "two").rglob("manifest.json"))) == 1

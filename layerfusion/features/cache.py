@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -70,58 +71,106 @@ class FeatureCache:
         texts: list[str],
         split: str,
         device: torch.device | str = "cpu",
+        shard: tuple[int, int] = (0, 1),
+        barrier: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """The features of `texts`, read from a valid cache entry or extracted and written first."""
+        """The features of `texts`, read from a valid cache entry or extracted and written first.
+
+        With `shard=(rank, world_size)` (DDP), each rank extracts rows `rank::world_size` into a part
+        entry, rank 0 merges the parts into the full entry, and every rank reads the full entry;
+        `barrier` must synchronise all ranks, and `root` must be on a filesystem they all see.
+        """
         key = self.key(encoder, texts, split)
         path = self.entry_dir(key)
-        if path.exists():
-            problem = verify(path, key)
-            if problem is None:
-                log.info("feature cache hit: %s", path)
-                self.last_build_seconds = 0.0
-                return open_entry(path)
-            log.warning("feature cache entry %s is unusable (%s): rebuilding it", path, problem)
-            shutil.rmtree(path, ignore_errors=True)
+        rank, world = shard
+        self.last_build_seconds = 0.0
+        if self._usable(path, key, may_delete=rank == 0):
+            log.info("feature cache hit: %s", path)
+            return open_entry(path)
         start = time.perf_counter()
-        self._build(encoder, texts, key, path, device)
-        self.last_build_seconds = seconds = time.perf_counter() - start
+        if world == 1:
+            self._extract_entry(encoder, texts, key, path, device)
+        else:
+            part_key = {**key, "shard": [rank, world]}
+            part = path.with_name(f"{path.name}.part{rank}of{world}")
+            if not self._usable(part, part_key, may_delete=True):
+                self._extract_entry(encoder, texts[rank::world], part_key, part, device)
+            barrier()
+            if rank == 0:
+                parts = [path.with_name(f"{path.name}.part{r}of{world}") for r in range(world)]
+                self._merge(parts, key, path)
+            barrier()
+        self.last_build_seconds = time.perf_counter() - start
+        return open_entry(path)
+
+    def _usable(self, path: Path, key: dict, may_delete: bool) -> bool:
+        """Whether `path` is a complete entry for `key`; a damaged one is reported (and removed)."""
+        if not path.exists():
+            return False
+        problem = verify(path, key)
+        if problem is None:
+            return True
+        log.warning("feature cache entry %s is unusable (%s): rebuilding it", path, problem)
+        if may_delete:
+            shutil.rmtree(path, ignore_errors=True)
+        return False
+
+    def _extract_entry(
+        self, encoder: FrozenEncoder, texts: list[str], key: dict, path: Path, device
+    ) -> None:
+        """Extract `texts` into a new entry at `path`."""
+        start = time.perf_counter()
+        shape = (len(texts), encoder.num_layers, encoder.hidden_size)
+        desc = f"{encoder.spec.key}/{key['split']}" + (
+            " shard {}/{}".format(*key["shard"]) if "shard" in key else ""
+        )
+        self._write_entry(
+            path,
+            key,
+            shape,
+            lambda out: extract(encoder, texts, out, self.batch_size, device, desc=desc),
+        )
+        seconds = time.perf_counter() - start
         log.info(
-            "extracted %s/%s: %d rows in %.1f s (%.0f ex/s) -> %s",
-            encoder.spec.key,
-            split,
+            "extracted %s: %d rows in %.1f s (%.0f ex/s) -> %s",
+            desc,
             len(texts),
             seconds,
             len(texts) / seconds,
             path,
         )
-        return open_entry(path)
 
-    def _build(
-        self, encoder: FrozenEncoder, texts: list[str], key: dict, path: Path, device
+    def _merge(self, parts: list[Path], key: dict, path: Path) -> None:
+        """Interleave the DDP part entries (rows rank::world) into the full entry, then delete them."""
+        arrays = [np.load(p / "features.npy", mmap_mode="r", allow_pickle=False) for p in parts]
+        shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
+
+        def fill(out: np.ndarray) -> None:
+            for r, a in enumerate(arrays):
+                out[r :: len(arrays)] = a
+
+        self._write_entry(path, key, shape, fill)
+        for p in parts:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _write_entry(
+        self, path: Path, key: dict, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]
     ) -> None:
-        """Extract into a temporary directory, checksum, then rename into place."""
+        """Write an entry atomically: fill an array in a temporary directory, checksum it, rename into place."""
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            shape = (len(texts), encoder.num_layers, encoder.hidden_size)
             out = np.lib.format.open_memmap(
                 tmp / "features.npy", mode="w+", dtype=self.dtype, shape=shape
             )
-            extract(
-                encoder,
-                texts,
-                out,
-                self.batch_size,
-                device,
-                desc=f"{encoder.spec.key}/{key['split']}",
-            )
+            fill(out)
             out.flush()
             del out
             manifest = {
                 "key": key,
                 "shape": list(shape),
                 "dtype": self.dtype,
-                "rows": len(texts),
+                "rows": shape[0],
                 "sha256": file_sha256(tmp / "features.npy"),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

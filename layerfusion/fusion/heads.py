@@ -35,8 +35,8 @@ class FusionHead(nn.Module):
         self.layers = {e: list(layers[e]) for e in dims}
         for e in dims:
             self.register_buffer(
-                f"_idx_{_safe(e)}", torch.tensor(self.layers[e], dtype=torch.long), persistent=False
-            )
+                f"_idx_{_safe(e)}", torch.tensor(self.layers[e], dtype=torch.long)
+            )  # persistent: a state dict says which layers its head reads
 
     def selected(self, features: dict[str, torch.Tensor], encoder: str) -> torch.Tensor:
         """The selected layers of one encoder, each layer-normalised: `[B, k, d]`."""

@@ -1,0 +1,254 @@
+"""Score every layer of every encoder on the train and dev splits; write and log the table."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from layerfusion.errors import ConfigError
+from layerfusion.importance import (
+    COLUMNS,
+    LayerScore,
+    check_weights,
+    combine,
+    encoder_attention_entropy,
+    fit_scoring_head,
+    grad_norm_sums,
+    mark_selected,
+    probe_accuracy,
+    write_table,
+)
+from layerfusion.importance.scores import __doc__ as SCORE_FORMULA
+
+log = logging.getLogger(__name__)
+
+
+class LayerImportance(Callback):
+    """Per (encoder, layer): gradient magnitude, attention entropy, dev probe accuracy and a combined score.
+
+    Runs once at the start of `fit`, in `setup`, on the cached features of the train split (`grad_norm`,
+    probes) and the dev split (probe accuracy); attention entropy runs the encoders on a seeded sample of
+    train texts. The test split is never read. The table is kept on `self.table` (and in checkpoints),
+    written as `importance.csv` / `importance.json` to the run directory at `on_fit_start` (rank 0), with
+    the `selected` column set from the head's layers, and sent to the loggers.
+
+    - `grad_norm`: a linear head over all layers of all encoders is fitted (L-BFGS) on the z-scored train
+      features; then the mean over train rows of `||d loss_i / d x_i[layer]||_2`.
+    - `attention_entropy`: mean over valid query tokens of the head-mean entropy (nats) of the attention
+      over valid keys, eager attention for the sample only; NaN for layer 0 (no attention).
+    - `probe_acc`: dev accuracy of a linear probe (L-BFGS, z-scored features) on that layer alone.
+    - `score`: see `layerfusion.importance.scores` — per-encoder min-max of each component, weighted mean
+      with `|weight|`, a negative weight prefers low values, NaN components drop out; in [0, 1].
+
+    Under DDP the probes are shared out over ranks and summed, each rank computes gradient norms and
+    entropy over its share of rows, sums and counts are reduced, and rank 0's table is broadcast: every
+    rank holds the same table, equal (up to float summation order) to a single-process run.
+
+    Args:
+        weights: weight per component (`probe_acc`, `grad_norm`, `attention_entropy`), merged over the
+            defaults {probe_acc: 1.0, grad_norm: 0.5, attention_entropy: 0.25}; 0 switches one off.
+        l2: L2 penalty of the probes and of the scoring head (on the mean cross-entropy).
+        max_iter: L-BFGS iterations of each probe and of the scoring head.
+        max_train_rows: score on a seeded subset of this many train rows (None = all).
+        attention_samples: train texts (seeded sample) run with eager attention; 0 skips attention entropy.
+        attention_batch_size: batch size of that run.
+        batch_size: rows per batch of the gradient pass.
+        seed: seed of the row subsets.
+        dirpath: where to write the table (default: `trainer.log_dir`, else `default_root_dir`).
+        filename: file stem of the table (`<filename>.csv`, `<filename>.json`).
+    """
+
+    def __init__(
+        self,
+        weights: dict[str, float] | None = None,
+        l2: float = 1e-3,
+        max_iter: int = 100,
+        max_train_rows: int | None = None,
+        attention_samples: int = 256,
+        attention_batch_size: int = 32,
+        batch_size: int = 256,
+        seed: int = 0,
+        dirpath: str | None = None,
+        filename: str = "importance",
+    ) -> None:
+        self.weights = check_weights(weights)
+        if l2 < 0:
+            raise ConfigError(f"LayerImportance: l2 must be >= 0, got {l2}")
+        for name, value, low in (
+            ("max_iter", max_iter, 1),
+            ("attention_samples", attention_samples, 0),
+            ("attention_batch_size", attention_batch_size, 1),
+            ("batch_size", batch_size, 1),
+        ):
+            if int(value) != value or value < low:
+                raise ConfigError(f"LayerImportance: {name} must be an integer >= {low}, got {value!r}")
+        if max_train_rows is not None and max_train_rows < 2:
+            raise ConfigError(f"LayerImportance: max_train_rows must be >= 2 or None, got {max_train_rows}")
+        if not filename or "/" in filename:
+            raise ConfigError(f"LayerImportance: filename must be a plain file stem, got {filename!r}")
+        self.l2, self.max_iter = float(l2), int(max_iter)
+        self.max_train_rows = max_train_rows
+        self.attention_samples, self.attention_batch_size = int(attention_samples), int(attention_batch_size)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.dirpath, self.filename = dirpath, filename
+        self.table: list[LayerScore] | None = None
+        self.seconds: dict[str, float] = {}
+        self.paths: tuple[Path, Path] | None = None
+        self._fresh = False  # the table was computed in the current fit
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.compute(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.table is None:
+            return
+        mark_selected(self.table, pl_module.selection)
+        directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir)  # log_dir: a collective, every rank
+        if trainer.is_global_zero:
+            meta = {"weights": self.weights, "selection": pl_module.selection, "seconds": self.seconds,
+                    "formula": SCORE_FORMULA.strip()}
+            self.paths = write_table(self.table, directory, self.filename, meta)
+            log.info("layer importance table: %s", self.paths[0])
+            self.log_table(trainer, self.table)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fresh = False
+
+    @override
+    def state_dict(self) -> dict:
+        return {
+            "weights": self.weights,
+            "table": [asdict(r) for r in self.table] if self.table is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        table = state_dict.get("table")
+        self.table = [LayerScore(**r) for r in table] if table is not None else None
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[LayerScore]:
+        """The importance table of this fit (computed on first call, then reused; `LayerSelection` calls it too)."""
+        if self._fresh and self.table is not None:
+            return self.table
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "label_ids"):
+            raise ConfigError("LayerImportance needs the TextClassificationDataModule (trainer.fit(model, datamodule=...))")
+        if getattr(dm, "streaming", False):
+            raise ConfigError("LayerImportance needs a map-style train split: set data.streaming=false")
+        strategy, device = trainer.strategy, trainer.strategy.root_device
+        pl_module.prepare_features("fit")
+        dm.setup("fit")
+        feats = {s: pl_module.features.get(s) or pl_module.extract_split(dm.texts(s), s) for s in ("train", "val")}
+        train_y_all = torch.tensor(dm.label_ids("train"), dtype=torch.long)
+        rows = self._train_rows(len(train_y_all))
+        train_y, dev_y = train_y_all[rows].to(device), torch.tensor(dm.label_ids("val"), dtype=torch.long, device=device)
+        num_classes = len(pl_module.label_names)
+        train = {e: x[rows].to(device, torch.float32) for e, x in feats["train"].items()}
+        dev = {e: x.to(device, torch.float32) for e, x in feats["val"].items()}
+        mean = {e: x.mean(0, keepdim=True) for e, x in train.items()}
+        std = {e: x.std(0, keepdim=True).clamp_min(1e-6) for e, x in train.items()}
+        for e in train:  # z-score each (layer, dim) with train statistics, in place
+            train[e].sub_(mean[e]).div_(std[e])
+            dev[e].sub_(mean[e]).div_(std[e])
+        rank, world = trainer.global_rank, trainer.world_size
+
+        start = time.perf_counter()
+        pairs = [(e, layer) for e, x in train.items() for layer in range(x.shape[1])]
+        acc = torch.zeros(len(pairs), dtype=torch.float64, device=device)
+        for j, (e, layer) in enumerate(pairs):
+            if j % world == rank:  # each rank fits its share of the probes on the whole train split
+                acc[j] = probe_accuracy(train[e][:, layer], train_y, dev[e][:, layer], dev_y, num_classes, self.l2, self.max_iter)
+        acc = strategy.reduce(acc, reduce_op="sum")
+        self.seconds["probe_acc"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        head = fit_scoring_head(train, train_y, num_classes, self.l2, self.max_iter)
+        if world > 1:  # identical fits on every rank; make them bit-identical
+            weights = strategy.broadcast({k: v.cpu() for k, v in head.state_dict().items()}, src=0)
+            head.load_state_dict(weights)
+        mine = torch.arange(rank, len(train_y), world, device=device)
+        grad_sums = grad_norm_sums(head, train, train_y, mine, self.batch_size)
+        grad = {e: strategy.reduce(s, reduce_op="sum") / len(train_y) for e, s in grad_sums.items()}
+        self.seconds["grad_norm"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        entropy = self._attention_entropy(trainer, pl_module, dm.texts("train"), rows, device)
+        self.seconds["attention_entropy"] = time.perf_counter() - start
+
+        table = [
+            LayerScore(
+                encoder=e,
+                layer=layer,
+                grad_norm=grad[e][layer].item(),
+                attention_entropy=entropy[e][layer].item(),
+                probe_acc=acc[j].item(),
+            )
+            for j, (e, layer) in enumerate(pairs)
+        ]
+        self.table = strategy.broadcast(combine(table, self.weights), src=0)
+        self._fresh = True
+        log.info("layer importance (%.1f s): %s", sum(self.seconds.values()), _summary(self.table))
+        return self.table
+
+    def _train_rows(self, n: int) -> torch.Tensor:
+        """The train rows scored: all, or a seeded subset of `max_train_rows` (in row order)."""
+        if self.max_train_rows is None or self.max_train_rows >= n:
+            return torch.arange(n)
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(n, generator=g)[: self.max_train_rows].sort().values
+
+    def _attention_entropy(self, trainer, pl_module, texts: list[str], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        """`{encoder: [L+1]}` mean attention entropy over a seeded sample of the scored train rows; NaN for layer 0."""
+        g = torch.Generator().manual_seed(self.seed + 1)
+        sample = rows[torch.randperm(len(rows), generator=g)[: self.attention_samples]].sort().values
+        mine = sample[trainer.global_rank :: trainer.world_size].tolist()
+        out = {}
+        for key, encoder in pl_module.encoders.items():
+            if self.attention_samples == 0:
+                out[key] = torch.full((encoder.num_layers,), math.nan, dtype=torch.float64)
+                continue
+            sums, count = encoder_attention_entropy(encoder, [texts[i] for i in mine], self.attention_batch_size, device)
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+            mean = (sums / count).cpu() if count > 0 else torch.full_like(sums, math.nan).cpu()
+            mean[0] = math.nan  # the embedding output has no attention
+            out[key] = mean
+        return out
+
+    # -- logging ---------------------------------------------------------------------------------
+
+    def log_table(self, trainer: L.Trainer, table: list[LayerScore]) -> None:
+        """Send the table to the loggers (rank 0): each layer's score as a metric, and the whole table to
+        loggers that take tables (`log_table`, e.g. W&B). Override to add plots (the heatmap)."""
+        metrics = {f"importance/{r.encoder}/layer_{r.layer:02d}": r.score for r in table}
+        data = [[getattr(r, c) for c in COLUMNS] for r in table]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if hasattr(logger, "log_table"):
+                logger.log_table(key="layer_importance", columns=list(COLUMNS), data=data)
+
+
+def _summary(table: list[LayerScore]) -> str:
+    """The three best layers per encoder, for the log."""
+    parts = []
+    for e in dict.fromkeys(r.encoder for r in table):
+        best = sorted((r for r in table if r.encoder == e), key=lambda r: -r.score)[:3]
+        parts.append(f"{e}: " + ", ".join(f"L{r.layer}={r.score:.2f}" for r in best))
+    return "; ".join(parts)

@@ -1,0 +1,152 @@
+"""The importance table: one row per (encoder, layer), the combined score, CSV/JSON output.
+
+Combined score, per encoder e and layer l:
+
+    n_c(l)   = (v_c(l) - min_e v_c) / (max_e v_c - min_e v_c)   min-max over e's layers where v_c is defined
+                                                                (0.5 for every layer when all are equal)
+    t_c(l)   = n_c(l) if w_c >= 0 else 1 - n_c(l)               a negative weight prefers low values
+    score(l) = sum_c |w_c| t_c(l) / sum_c |w_c|                 over the components c defined at l
+
+so every score lies in [0, 1] and encoders of different width and depth compare. Layer 0 (the embedding
+output) has no attention: its `attention_entropy` is NaN and its score is the weighted mean of the other
+components (the entropy weight drops out of numerator and denominator).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from layerfusion.errors import ConfigError
+
+COMPONENTS = ("grad_norm", "attention_entropy", "probe_acc")
+DEFAULT_WEIGHTS = {"probe_acc": 1.0, "grad_norm": 0.5, "attention_entropy": 0.25}
+
+
+@dataclass
+class LayerScore:
+    """One row of the importance table."""
+
+    encoder: str
+    layer: int
+    grad_norm: float = math.nan
+    """Mean L2 norm of d(loss)/d(standardised pooled embedding) under a linear head over all layers."""
+    attention_entropy: float = math.nan
+    """Mean entropy (nats) of the layer's heads over valid keys, per valid query token; NaN for layer 0."""
+    probe_acc: float = math.nan
+    """Dev accuracy of a linear probe on this layer alone."""
+    score: float = math.nan
+    """Combined score in [0, 1] (see the module docstring)."""
+    selected: bool = False
+    """Whether the head trained on this layer."""
+
+
+COLUMNS = [f.name for f in fields(LayerScore)]
+
+
+def check_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    """`DEFAULT_WEIGHTS` updated with `weights`; unknown components or all-zero weights are errors."""
+    merged = dict(DEFAULT_WEIGHTS)
+    for name, value in (weights or {}).items():
+        if name not in COMPONENTS:
+            raise ConfigError(f"unknown importance component {name!r} in weights; known: {', '.join(COMPONENTS)}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"importance weight {name!r} must be a finite number, got {value!r}")
+        merged[name] = float(value)
+    if not any(merged.values()):
+        raise ConfigError(f"importance weights are all zero ({merged}); give at least one non-zero weight")
+    return merged
+
+
+def combine(rows: list[LayerScore], weights: dict[str, float]) -> list[LayerScore]:
+    """Set `score` on every row (normalised per encoder, see the module docstring) and return the rows."""
+    for encoder in dict.fromkeys(r.encoder for r in rows):
+        own = [r for r in rows if r.encoder == encoder]
+        normalised = {c: minmax([getattr(r, c) for r in own]) for c in COMPONENTS}
+        for i, row in enumerate(own):
+            num = den = 0.0
+            for c in COMPONENTS:
+                w, n = weights.get(c, 0.0), normalised[c][i]
+                if w == 0 or math.isnan(n):
+                    continue
+                num += abs(w) * (n if w > 0 else 1.0 - n)
+                den += abs(w)
+            row.score = num / den if den else math.nan
+    return rows
+
+
+def minmax(values: list[float]) -> list[float]:
+    """Min-max scale to [0, 1], NaN kept; all-equal values map to 0.5."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return [math.nan] * len(values)
+    lo, hi = min(finite), max(finite)
+    return [v if math.isnan(v) else (0.5 if hi == lo else (v - lo) / (hi - lo)) for v in values]
+
+
+def scores_by_encoder(rows: list[LayerScore]) -> dict[str, dict[int, float]]:
+    """`{encoder: {layer: score}}` from table rows."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        out.setdefault(r.encoder, {})[r.layer] = r.score
+    return out
+
+
+def mark_selected(rows: list[LayerScore], selection: dict[str, list[int]]) -> None:
+    """Set `selected` on every row from a selection `{encoder: [layers]}`."""
+    for r in rows:
+        r.selected = r.layer in selection.get(r.encoder, ())
+
+
+def write_table(rows: list[LayerScore], directory: str | Path, stem: str = "importance", meta: dict | None = None) -> tuple[Path, Path]:
+    """Write `<stem>.csv` (one row per layer, empty cell = NaN) and `<stem>.json` (`meta` + rows, NaN = null)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = directory / f"{stem}.csv", directory / f"{stem}.json"
+    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _cell(v) for k, v in asdict(r).items()})
+    payload = {**(meta or {}), "columns": COLUMNS, "rows": [_jsonable(asdict(r)) for r in rows]}
+    json_path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    return csv_path, json_path
+
+
+def read_table(path: str | Path) -> list[LayerScore]:
+    """Rows of an importance CSV or JSON file written by `write_table`."""
+    path = Path(path)
+    if path.suffix == ".json":
+        raw = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    else:
+        with open(path, newline="", encoding="utf-8") as fh:
+            raw = list(csv.DictReader(fh))
+    return [_row(r) for r in raw]
+
+
+def _row(raw: dict) -> LayerScore:
+    def num(v) -> float:
+        return math.nan if v in (None, "") else float(v)
+
+    return LayerScore(
+        encoder=raw["encoder"],
+        layer=int(raw["layer"]),
+        grad_norm=num(raw["grad_norm"]),
+        attention_entropy=num(raw["attention_entropy"]),
+        probe_acc=num(raw["probe_acc"]),
+        score=num(raw["score"]),
+        selected=raw["selected"] in (True, "True", "true", "1"),
+    )
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def _jsonable(row: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

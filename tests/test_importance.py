@@ -1,0 +1,430 @@
+"""Layer importance and layer selection: the scoring functions on synthetic data with known answers,
+the callbacks in a real Trainer on tiny encoders (table, selection, checkpoint, no test-split leakage,
+order of callbacks), and a 2-process `ddp_spawn` run that must pick the same layers on both ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from layerfusion.callbacks import LayerImportance, LayerSelection
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from layerfusion.data.datamodule import TextClassificationDataModule
+from layerfusion.encoders.frozen import EncoderSpec
+from layerfusion.errors import ConfigError
+from layerfusion.importance import (
+    LayerScore,
+    attention_entropy,
+    combine,
+    eager_attention,
+    fit_scoring_head,
+    grad_norm_sums,
+    minmax,
+    probe_accuracy,
+    read_table,
+    select_cumulative,
+    select_fixed,
+    select_top_k,
+    standardise,
+)
+from layerfusion.module import LayerFusionModule
+
+# -- synthetic features: one layer carries the label --------------------------------------------
+
+
+def _one_informative_layer(n: int, layers: int, dim: int, signal: int, seed: int):
+    """Features `[n, layers, dim]` of pure noise except layer `signal`, whose first dims encode the label.
+
+    The informative layer is given a tiny raw scale and the noise layers a large one: the scores must
+    not depend on the scale (features are standardised)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, layers, dim, generator=g) * 50.0
+    centres = torch.randn(3, dim, generator=g) * 2.0
+    x[:, signal] = (centres[y] + torch.randn(n, dim, generator=g)) * 0.01
+    return x, y
+
+
+def test_probe_accuracy_ranks_the_informative_layer_first():
+    x, y = _one_informative_layer(900, layers=5, dim=12, signal=3, seed=0)
+    train_x, train_y, dev_x, dev_y = x[:600], y[:600], x[600:], y[600:]
+    acc = [probe_accuracy(train_x[:, l], train_y, dev_x[:, l], dev_y, 3) for l in range(5)]
+    assert max(range(5), key=acc.__getitem__) == 3
+    assert acc[3] > 0.9 and max(acc[:3] + acc[4:]) < 0.5  # chance is 1/3
+
+
+def test_gradient_magnitude_ranks_the_informative_layer_first():
+    xa, y = _one_informative_layer(600, layers=5, dim=12, signal=3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    xb = torch.randn(600, 4, 6, generator=g)  # a second encoder that is all noise
+    xb[:, 1, :3] += torch.nn.functional.one_hot(y, 3).float() * 3  # ...except its layer 1
+    (xa,) = standardise(xa)
+    (xb,) = standardise(xb)
+    feats = {"a": xa, "b": xb}
+    head = fit_scoring_head(feats, y, num_classes=3)
+    sums = grad_norm_sums(head, feats, y, torch.arange(600), batch_size=128)
+    assert sums["a"].argmax().item() == 3
+    assert sums["b"].argmax().item() == 1
+    # the per-example gradient under a summed loss equals the gradient of that example alone
+    one = grad_norm_sums(head, feats, y, torch.tensor([7]))
+    leaf = xa[7:8].clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(head({"a": leaf, "b": xb[7:8]}), y[7:8])
+    (grad,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(one["a"].float(), grad[0].norm(dim=-1))
+
+
+# -- attention entropy ----------------------------------------------------------------------------
+
+
+def _mask(lengths: list[int], t: int) -> torch.Tensor:
+    return torch.tensor([[1] * n + [0] * (t - n) for n in lengths])
+
+
+def test_entropy_of_uniform_attention_is_log_of_the_valid_tokens():
+    mask = _mask([5, 3], 5)
+    attn = (mask[:, None, None, :].float() / mask.sum(-1)[:, None, None, None]).expand(2, 4, 5, 5)
+    total, tokens = attention_entropy(attn, mask)
+    assert tokens.item() == 8  # valid query tokens only
+    assert total.item() / tokens.item() == pytest.approx(
+        (5 * math.log(5) + 3 * math.log(3)) / 8, abs=1e-6
+    )
+
+
+def test_entropy_of_one_hot_attention_is_zero_and_pads_do_not_count():
+    mask = _mask([4, 2], 6)
+    attn = torch.zeros(2, 3, 6, 6)
+    attn[..., 0] = 1.0  # every query attends to the first token only
+    attn[1, :, :, 1] = 0.3  # probability on a valid key is renormalised...
+    attn[1, :, :, 4] = 5.0  # ...and probability on a pad key is dropped
+    total, tokens = attention_entropy(attn[:1], mask[:1])
+    assert total.item() == pytest.approx(0.0, abs=1e-7) and tokens.item() == 4
+    total, tokens = attention_entropy(attn[1:], mask[1:])
+    p = torch.tensor([1.0, 0.3]) / 1.3
+    assert total.item() / tokens.item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-6)
+
+
+def test_eager_attention_is_switched_for_the_sample_and_restored(tiny_models):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_models["bert"], attn_implementation="sdpa")
+    with eager_attention(model):
+        assert model.config._attn_implementation == "eager"
+        out = model(input_ids=torch.tensor([[101, 2023, 102]]), output_attentions=True)
+        assert len(out.attentions) == 2 and out.attentions[0].shape == (1, 4, 3, 3)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# -- combined score and selection strategies ------------------------------------------------------
+
+
+def _rows(encoder: str, grad, ent, acc) -> list[LayerScore]:
+    return [LayerScore(encoder, i, g, e, a) for i, (g, e, a) in enumerate(zip(grad, ent, acc))]
+
+
+def test_combined_score_is_the_documented_formula():
+    nan = math.nan
+    rows = _rows("a", [1.0, 3.0, 2.0], [nan, 2.0, 1.0], [0.5, 0.7, 0.9]) + _rows(
+        "b", [10.0, 10.0], [nan, 4.0], [0.6, 0.8]
+    )
+    combine(rows, {"probe_acc": 1.0, "grad_norm": 0.5, "attention_entropy": -0.25})
+    # a: probe n = [0, .5, 1], grad n = [0, 1, .5], entropy n = [nan, 1, 0] (weight < 0: 1 - n)
+    assert rows[0].score == pytest.approx((1 * 0 + 0.5 * 0) / 1.5)  # layer 0: no entropy term
+    assert rows[1].score == pytest.approx((1 * 0.5 + 0.5 * 1 + 0.25 * 0) / 1.75)
+    assert rows[2].score == pytest.approx((1 * 1 + 0.5 * 0.5 + 0.25 * 1) / 1.75)
+    # b: equal grad norms carry no information (0.5 each); one entropy value -> 0.5
+    assert rows[3].score == pytest.approx((0 + 0.5 * 0.5) / 1.5)
+    assert rows[4].score == pytest.approx((1 * 1 + 0.5 * 0.5 + 0.25 * 0.5) / 1.75)
+    assert minmax([nan, 2.0, 2.0]) == [pytest.approx(nan, nan_ok=True), 0.5, 0.5]
+    assert all(0 <= r.score <= 1 for r in rows)
+
+
+SCORES = {"a": {0: 0.1, 1: 0.9, 2: 0.4, 3: 0.4, 4: 0.2}, "b": {0: 0.0, 1: 0.3, 2: 0.7}}
+
+
+def test_top_k_per_encoder():
+    assert select_top_k(SCORES, 2) == {"a": [1, 3], "b": [1, 2]}  # 0.4 tie: the deeper layer wins
+    assert select_top_k(SCORES, {"a": 1, "b": 5}) == {"a": [1], "b": [0, 1, 2]}
+    with pytest.raises(ConfigError, match="no k given for encoder 'b'"):
+        select_top_k(SCORES, {"a": 1})
+
+
+def test_cumulative_takes_the_smallest_set_reaching_the_share():
+    # a: total 2.0; 0.9 < 1.0 <= 0.9 + 0.4 -> two layers. b: total 1.0; 0.7 >= 0.5 -> one layer
+    assert select_cumulative(SCORES, 0.5) == {"a": [1, 3], "b": [2]}
+    assert select_cumulative(SCORES, 1.0) == {
+        "a": [0, 1, 2, 3, 4],
+        "b": [1, 2],
+    }  # a zero score adds nothing
+    assert select_cumulative(SCORES, 0.01) == {"a": [1], "b": [2]}
+    with pytest.raises(ConfigError, match="share"):
+        select_cumulative(SCORES, 0.0)
+
+
+def test_fixed_resolves_negative_indices_and_checks_depth():
+    assert select_fixed({"a": [-1, 2]}, {"a": 5, "b": 3}) == {"a": [2, 4], "b": [0, 1, 2]}
+    with pytest.raises(ConfigError, match="has layers 0..2"):
+        select_fixed({"b": [3]}, {"a": 5, "b": 3})
+
+
+def test_callback_arguments_are_validated():
+    with pytest.raises(ConfigError, match="unknown importance component 'entropy'"):
+        LayerImportance(weights={"entropy": 1.0})
+    with pytest.raises(ConfigError, match="all zero"):
+        LayerImportance(weights={"probe_acc": 0, "grad_norm": 0, "attention_entropy": 0})
+    with pytest.raises(ConfigError, match="attention_samples"):
+        LayerImportance(attention_samples=-1)
+    with pytest.raises(ConfigError, match="strategy"):
+        LayerSelection(strategy="best")
+    with pytest.raises(ConfigError, match="needs `layers`"):
+        LayerSelection(strategy="fixed")
+    with pytest.raises(ConfigError, match="share"):
+        LayerSelection(strategy="cumulative", share=1.5)
+
+
+# -- the callbacks in a Trainer ------------------------------------------------------------------
+
+
+def _specs(tiny_models):
+    return [
+        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert"),
+        EncoderSpec(tiny_models["gpt2"], pooling="last", max_length=32, alias="gpt2"),
+    ]
+
+
+def _build(tiny_models, data_dir, cache_dir):
+    dm = TextClassificationDataModule(
+        dataset=str(data_dir), encoders=_specs(tiny_models), batch_size=32, eval_batch_size=64
+    )
+    model = LayerFusionModule(
+        _specs(tiny_models),
+        label_names=dm.label_names,
+        cache_dir=str(cache_dir),
+        cache_dtype="float32",
+        hidden=16,
+    )
+    return dm, model
+
+
+def _fit(tmp_path, tiny_models, data_dir, callbacks, **kw):
+    L.seed_everything(0)
+    dm, model = _build(tiny_models, data_dir, tmp_path / "cache")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=kw.pop("max_epochs", 1),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=tmp_path / "run",
+        callbacks=callbacks,
+        **kw,
+    )
+    trainer.fit(model, dm)
+    return trainer, model, dm
+
+
+def _importance(**kw):
+    return LayerImportance(attention_samples=24, attention_batch_size=8, max_iter=30, **kw)
+
+
+def test_importance_table_selection_and_checkpoint_round_trip(tmp_path, tiny_models, sst2_slice):
+    importance, selection = (
+        _importance(),
+        LayerSelection(strategy="top_k", k={"bert": 1, "gpt2": 2}),
+    )
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="best", monitor="val_acc", mode="max"
+    )
+    trainer, model, _ = _fit(tmp_path, tiny_models, sst2_slice, [selection, importance, ckpt])
+
+    chosen = model.selection
+    assert len(chosen["bert"]) == 1 and len(chosen["gpt2"]) == 2 and chosen == selection.selection
+    assert all(p.requires_grad for p in model.head.parameters())  # the rebuilt head is what trained
+    best = {
+        e: sorted(
+            sorted(
+                (r for r in importance.table if r.encoder == e), key=lambda r: (-r.score, -r.layer)
+            )[:n],
+            key=lambda r: r.layer,
+        )
+        for e, n in (("bert", 1), ("gpt2", 2))
+    }
+    assert {e: [r.layer for r in rs] for e, rs in best.items()} == chosen
+
+    # the table: every (encoder, layer), layer 0 without entropy, written to the run dir, `selected` set
+    table = read_table(tmp_path / "run" / "importance.csv")
+    assert [(r.encoder, r.layer) for r in table] == [
+        (e, l) for e in ("bert", "gpt2") for l in range(3)
+    ]
+    assert all(math.isnan(r.attention_entropy) == (r.layer == 0) for r in table)
+    assert all(
+        r.attention_entropy > 0 and r.grad_norm > 0 and 0 <= r.probe_acc <= 1
+        for r in table
+        if r.layer
+    )
+    assert {
+        e: [r.layer for r in table if r.encoder == e and r.selected] for e in ("bert", "gpt2")
+    } == chosen
+    meta = json.loads((tmp_path / "run" / "importance.json").read_text())
+    assert (
+        meta["selection"] == chosen
+        and meta["rows"][0]["attention_entropy"] is None
+        and "score(l)" in meta["formula"]
+    )
+
+    # the checkpoint carries the selection (module) and the table (callback state); test restores the head
+    saved = torch.load(ckpt.best_model_path, weights_only=True)
+    assert saved["layerfusion"]["selection"] == chosen
+    assert saved["callbacks"]["LayerImportance"]["table"][0]["encoder"] == "bert"
+    dm2, fresh = _build(tiny_models, sst2_slice, tmp_path / "cache")
+    assert fresh.selection != chosen
+    tester = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    result = tester.test(fresh, dm2, ckpt_path=ckpt.best_model_path, verbose=False)[0]
+    assert fresh.selection == chosen and 0 <= result["test_acc"] <= 1
+    # a plain state dict also names its layers: loading it rebuilds the head (ddp_spawn hands weights back so)
+    plain = LayerFusionModule(
+        _specs(tiny_models),
+        label_names=dm2.label_names,
+        cache_dir=str(tmp_path / "cache"),
+        hidden=16,
+    )
+    plain.load_state_dict(saved["state_dict"])
+    assert plain.selection == chosen
+
+
+def _poison_test_split(src: Path, dst: Path) -> Path:
+    """A copy of the dataset whose test split has garbage texts and shuffled labels."""
+    shutil.copytree(src, dst)
+    rows = [json.loads(line) for line in (dst / "test.jsonl").read_text().splitlines()]
+    labels = [r["label"] for r in rows]
+    random.Random(1).shuffle(labels)
+    poisoned = [
+        {"text": f"zzz {i} qqq " * (i % 7 + 1), "label": lab} for i, lab in enumerate(labels)
+    ]
+    (dst / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in poisoned))
+    return dst
+
+
+def test_scoring_and_selection_never_read_the_test_split(tmp_path, tiny_models, sst2_slice):
+    poisoned = _poison_test_split(sst2_slice, tmp_path / "poisoned")
+    results = []
+    for name, data in (("clean", sst2_slice), ("poisoned", poisoned)):
+        importance, selection = _importance(), LayerSelection(strategy="cumulative", share=0.6)
+        _, model, dm = _fit(
+            tmp_path / name,
+            tiny_models,
+            data,
+            [importance, selection],
+            max_epochs=1,
+            limit_train_batches=1,
+            limit_val_batches=1,
+        )
+        assert "test" not in dm.splits and "test" not in model.features  # never even loaded
+        results.append(
+            (json.dumps([asdict(r) for r in importance.table]), model.selection)
+        )  # NaN-safe equality
+    assert (
+        results[0] == results[1]
+    )  # same seed, other test split: the same table and selection, exactly
+
+
+def test_callback_order_does_not_matter_and_fixed_needs_no_scores(
+    tmp_path, tiny_models, sst2_slice
+):
+    selections = []
+    for i, order in enumerate(((0, 1), (1, 0))):
+        cbs = [_importance(), LayerSelection(strategy="top_k", k=2)]
+        _, model, _ = _fit(
+            tmp_path / str(i),
+            tiny_models,
+            sst2_slice,
+            [cbs[j] for j in order],
+            limit_train_batches=1,
+            limit_val_batches=1,
+        )
+        selections.append(model.selection)
+    assert selections[0] == selections[1]
+
+    fixed = LayerSelection(strategy="fixed", layers={"bert": [-1], "gpt2": [0, 2]})
+    _, model, _ = _fit(
+        tmp_path / "fixed",
+        tiny_models,
+        sst2_slice,
+        [fixed],
+        limit_train_batches=1,
+        limit_val_batches=1,
+    )
+    assert model.selection == {"bert": [2], "gpt2": [0, 2]}
+    with pytest.raises(ConfigError, match="needs exactly one LayerImportance"):
+        _fit(tmp_path / "none", tiny_models, sst2_slice, [LayerSelection(strategy="top_k")])
+
+
+# -- DDP ------------------------------------------------------------------------------------------
+
+
+class RecordSelection(L.Callback):
+    """Write what each rank holds at fit start: the head's layers and the importance table."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        table = next(c for c in trainer.callbacks if isinstance(c, LayerImportance)).table
+        rows = [
+            [r.encoder, r.layer, r.grad_norm, r.attention_entropy, r.probe_acc, r.score]
+            for r in table
+        ]
+        record = {"selection": pl_module.selection, "table": rows, "world": trainer.world_size}
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(tmp_path, tiny_models, sst2_slice):
+    def run(devices: int, strategy: str, out: Path):
+        out.mkdir()
+        cbs = [_importance(), LayerSelection(strategy="top_k", k=1), RecordSelection(str(out))]
+        return _fit(
+            out,
+            tiny_models,
+            sst2_slice,
+            cbs,
+            devices=devices,
+            strategy=strategy,
+            limit_train_batches=2,
+            limit_val_batches=1,
+        )
+
+    _, model, _ = run(2, "ddp_spawn", tmp_path / "ddp")
+    rank0, rank1 = (json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2))
+    assert (
+        rank0["world"] == 2
+        and rank0["selection"] == rank1["selection"]
+        and rank0["table"] == rank1["table"]
+    )
+    assert model.selection == rank0["selection"]  # the main process got the selected head back
+    assert (
+        json.loads((tmp_path / "ddp" / "run" / "importance.json").read_text())["selection"]
+        == rank0["selection"]
+    )
+
+    run(1, "auto", tmp_path / "single")  # the reduced scores equal a single-process run's
+    single = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    assert single["selection"] == rank0["selection"]
+    for a, b in zip(single["table"], rank0["table"]):
+        assert a[:2] == b[:2]
+        assert a[2:] == pytest.approx(b[2:], rel=1e-4, abs=1e-6, nan_ok=True)
