@@ -127,23 +127,26 @@ def test_length_sorted_extraction_restores_row_order(tmp_path, encoder):
         )
 
 
-def test_sharded_build_equals_single_process_build(tmp_path, encoder):
-    """Two ranks (threads here, sharing a real barrier) extract half each; rank 0 merges."""
+def test_sharded_build_equals_single_process_build(tmp_path, encoder, tiny_models):
+    """Two ranks (threads here, each with its own encoder, sharing a real barrier) extract half
+    each; rank 0 merges."""
     import threading
 
     single = FeatureCache(tmp_path / "one", "float32").load_or_build(encoder, TEXTS, "train")
     cache = FeatureCache(tmp_path / "two", "float32", batch_size=4)
-    gate = threading.Barrier(2)
+    encoders = [encoder, FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16))]
+    gate = threading.Barrier(2, timeout=60)
     results: dict[int, torch.Tensor] = {}
 
     def rank(r: int) -> None:
-        results[r] = cache.load_or_build(encoder, TEXTS, "train", shard=(r, 2), barrier=gate.wait)
+        results[r] = cache.load_or_build(encoders[r], TEXTS, "train", shard=(r, 2), barrier=gate.wait)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=120)
+    assert set(results) == {0, 1}
     torch.testing.assert_close(results[0], single, atol=1e-5, rtol=1e-4)
     assert torch.equal(results[0], results[1])
     assert not list((tmp_path / "two").rglob("*part*"))  # parts merged and removed
