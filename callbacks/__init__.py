@@ -3,5 +3,7 @@
 from layerfusion.callbacks.layer_importance import LayerImportance
 from layerfusion.callbacks.layer_selection import LayerSelection
 from layerfusion.callbacks.prediction_writer import PredictionWriter
+from layerfusion.callbacks.resource_monitor import ResourceMonitor
+from layerfusion.callbacks.run_report import RunReport
 
-__all__ = ["LayerImportance", "LayerSelection", "PredictionWriter"]
+__all__ = ["LayerImportance", "LayerSelection", "PredictionWriter", "ResourceMonitor", "RunReport"]

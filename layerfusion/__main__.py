@@ -1,4 +1,4 @@
-"""`python -m layerfusion` / `layerfusion`: `models` or a LightningCLI subcommand (fit, validate, test, predict)."""
+"""`python -m layerfusion` / `layerfusion`: `models`, `report`, or a LightningCLI subcommand (fit, validate, test, predict)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> None:
         from layerfusion.encoders.offline import main as models_main
 
         sys.exit(models_main(args[1:], prog="layerfusion models"))
+    if args[:1] == ["report"]:
+        from layerfusion.report import main as report_main
+
+        sys.exit(report_main(args[1:]))
     from layerfusion.cli import cli_main
     from layerfusion.errors import LayerFusionError
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from layerfusion.data.datamodule import TextClassificationDataModule
 from layerfusion.module import LayerFusionModule
@@ -20,6 +21,16 @@ class LayerFusionCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
 
+class LogConfigCallback(SaveConfigCallback):
+    """Save `config.yaml` to the log dir (Lightning's default) and log the full resolved config to
+    every logger (W&B run config, CSV `hparams.yaml`). Runs on rank 0 only: no collectives here."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
 def cli_main(args=None) -> LayerFusionCLI:
     """Run the CLI (`args` None = sys.argv)."""
     _log_to_stderr()
@@ -27,6 +38,7 @@ def cli_main(args=None) -> LayerFusionCLI:
         LayerFusionModule,
         TextClassificationDataModule,
         args=args,
+        save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -195,21 +195,22 @@ class LayerFusionModule(L.LightningModule):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metrics)
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, "val", self.val_metrics)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_metrics)
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._eval_step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         logits = self(self.batch_features(batch, "predict"))
         return {"index": batch["index"], "probs": torch.softmax(logits.float(), dim=-1)}
 
-    def _eval_step(self, batch: dict, split: str, metrics: MetricCollection) -> None:
+    def _eval_step(self, batch: dict, split: str, metrics: MetricCollection) -> dict:
         loss, logits = self.model_step(batch, split)
         metrics.update(logits, batch["labels"])
         self.log(f"{split}_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
         self.log_dict(metrics, prog_bar=True, batch_size=len(logits))
+        return {"preds": logits.argmax(-1)}
 
     def on_train_epoch_start(self) -> None:
         dataset = (
@@ -244,10 +245,13 @@ class LayerFusionModule(L.LightningModule):
                 f"checkpoint state_dict has keys outside the head (e.g. {foreign[:3]}); not a layerfusion checkpoint"
             )
         state = {k[len("head.") :]: v for k, v in state_dict.items()}
-        saved = {e: state[f"_idx_{_safe(e)}"].tolist() for e in self.selection if f"_idx_{_safe(e)}" in state}
-        if any(saved[e] != self.selection[e] for e in saved):  # e.g. ddp_spawn hands back a selected head
+        # the head's `_idx_*` buffers name its layers: rebuild a head over other layers first
+        # (ddp_spawn hands the selected head back to the main process as a plain state dict)
+        saved = {e: state.get(f"_idx_{_safe(e)}") for e in self.selection}
+        saved = {e: idx.tolist() for e, idx in saved.items() if idx is not None}
+        if any(saved[e] != self.selection[e] for e in saved):
             self.set_selection({**self.selection, **saved})
-        for name, buf in self.head.named_buffers():  # checkpoints written before the indices were saved
+        for name, buf in self.head.named_buffers():  # checkpoints saved before the indices were
             state.setdefault(name, buf)
         return self.head.load_state_dict(state, strict=strict, assign=assign)
 

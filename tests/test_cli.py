@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import MINILM, REPO
+from wandb_records import read_run
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +95,17 @@ def test_fit_validate_test_predict(run_dir):
     test_acc = _metrics(d / "test")["test_acc"]
     assert 0.6 < test_acc <= 1.0
 
+    # the fit run's own W&B logger (offline, from the quickstart config) recorded the run
+    wandb_runs = sorted((d / "run" / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1
+    record = read_run(wandb_runs[0])
+    assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_0" in record["history"]
+    assert record["config"]["config"]["model"]["head"] == "gated"  # the full resolved config
+    assert "resources/train_s" in record["history"] and "resources/extract_s" in record["history"]
+    assert list(
+        (wandb_runs[0] / "files" / "media" / "images" / "val").glob("confusion_matrix*.png")
+    )
+
     run_cli("predict", "--config", "full.yaml", "--ckpt_path", str(best), cwd=d)
     rows = [json.loads(line) for line in (d / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 200
@@ -106,6 +118,41 @@ def test_fit_validate_test_predict(run_dir):
     assert sum(r["label"] == r["gold"] for r in rows) / len(rows) == pytest.approx(
         test_acc, abs=1e-6
     )
+
+
+def test_without_a_logger_the_run_files_are_still_written_and_reported(run_dir):
+    d = run_dir
+    out = d / "nolog"
+    run_cli(
+        "fit",
+        "--config",
+        "full.yaml",
+        "--trainer.logger",
+        "false",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(out),
+        cwd=d,
+    )
+    assert not (out / "wandb").exists()
+    for name in (
+        "run.json",
+        "metrics_val.json",
+        "metrics_val.csv",
+        "confusion_val.png",
+        "resources.json",
+    ):
+        assert (out / name).is_file(), name
+    assert "val_f1_1" in (out / "metrics_val.csv").read_text()
+    (out / "metrics_test.json").write_text(
+        json.dumps({"test_acc": 0.5, "test_f1": 0.4})
+    )  # as `test` would
+    report = run_cli("report", str(out), "--out", str(d / "report"), cwd=d)
+    assert "results.md" in report.stdout
+    table = (d / "report" / "results.md").read_text()
+    assert "| nolog | sst2 | gated | all-MiniLM-L6-v2 |" in table and "0.5000" in table
+    assert (d / "report" / "accuracy.png").stat().st_size > 1000
 
 
 def test_user_errors_are_one_clear_line(run_dir):

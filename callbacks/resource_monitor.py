@@ -1,0 +1,120 @@
+"""Wall time, peak memory and throughput per stage: the paper's resource overhead as numbers."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from layerfusion.tracking import log_metrics, run_dir, write_json
+
+
+class ResourceMonitor(L.Callback):
+    """Measure feature extraction, head training and inference; write `<default_root_dir>/resources.json`
+    (one entry per stage, merged across fit / test / predict) and log `resources/*` to the loggers.
+
+    Figures: `extract_s` (feature extraction or cache reads, summed over encoders and splits), `train_s`
+    and `train_examples_per_s` (head training, all epochs), `<stage>_s` and `<stage>_examples_per_s`
+    for validate / test / predict, and `peak_mem_mb`: peak CUDA memory allocated when on a GPU,
+    otherwise the process's peak resident set size (RSS). Measured on rank 0.
+    """
+
+    def __init__(self) -> None:
+        self._start: dict[str, float] = {}
+        self._examples: dict[str, int] = {}
+        self.figures: dict[str, dict[str, float]] = {}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._begin("train")
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._examples["train"] += len(batch["labels"]) * trainer.world_size
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._end("train", trainer, pl_module, stage="fit")
+
+    @override
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._begin("test")
+
+    @override
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._examples["test"] += len(batch["labels"]) * trainer.world_size
+
+    @override
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._end("test", trainer, pl_module, stage="test")
+
+    @override
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._begin("predict")
+
+    @override
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._examples["predict"] += len(batch["labels"]) * trainer.world_size
+
+    @override
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._end("predict", trainer, pl_module, stage="predict")
+
+    def _begin(self, name: str) -> None:
+        self._start[name] = time.perf_counter()
+        self._examples[name] = 0
+
+    def _end(self, name: str, trainer: L.Trainer, pl_module, stage: str) -> None:
+        seconds = time.perf_counter() - self._start[name]
+        figures = {
+            "extract_s": float(sum(getattr(pl_module, "extract_seconds", {}).values())),
+            f"{name}_s": seconds,
+            f"{name}_examples": self._examples[name],
+            f"{name}_examples_per_s": self._examples[name] / seconds if seconds > 0 else 0.0,
+            "peak_mem_mb": peak_memory_mb(),
+            "device": "cuda"
+            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda"
+            else "cpu",
+            "world_size": trainer.world_size,
+        }
+        self.figures[stage] = figures
+        if not trainer.is_global_zero:
+            return
+        path = run_dir(trainer) / "resources.json"
+        merged = _read(path)
+        merged[stage] = figures
+        write_json(path, merged)
+        log_metrics(
+            trainer,
+            {f"resources/{k}": float(v) for k, v in figures.items() if isinstance(v, (int, float))},
+        )
+
+
+def peak_memory_mb() -> float:
+    """Peak CUDA memory allocated (GPU) or peak RSS of this process (CPU), in MB."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _read(path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,163 @@
+"""Per-class F1, confusion matrix and gate weights of val/test, as files and logger entries."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from typing_extensions import override
+
+from layerfusion import plots
+from layerfusion.tracking import log_image, log_metrics, log_table, run_dir, write_csv, write_json
+
+
+class RunReport(L.Callback):
+    """Write `<default_root_dir>/{run.json, metrics_<split>.json, metrics_<split>.csv, confusion_<split>.png,
+    gates_<split>.png}` and log the same to the loggers (W&B: images and tables).
+
+    `run.json` describes the run (dataset, head, encoders, selected layers); `metrics_<split>` holds
+    loss, accuracy, macro-F1, per-class F1 and the mean gate weight per encoder (gated head).
+    Rows are gathered from every rank and deduplicated by row index, so DDP padding does not count twice.
+
+    Args:
+        splits: which evaluation splits to report (`val`, `test`).
+    """
+
+    def __init__(self, splits: tuple[str, ...] = ("val", "test")) -> None:
+        bad = set(splits) - {"val", "test"}
+        if bad:
+            raise ValueError(f"RunReport splits must be 'val' and/or 'test', got {sorted(bad)}")
+        self.splits = tuple(splits)
+        self._rows: dict[str, list[torch.Tensor]] = {}
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            dm = trainer.datamodule
+            write_json(
+                run_dir(trainer) / "run.json",
+                {
+                    "dataset": getattr(dm, "dataset", None),
+                    "head": pl_module.hparams.head,
+                    "encoders": [e["name"] for e in pl_module.hparams.encoders],
+                    "layers": pl_module.selection,
+                    "label_names": pl_module.label_names,
+                },
+            )
+
+    @override
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._rows["val"] = []
+
+    @override
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._rows["test"] = []
+
+    @override
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._collect("val", pl_module, outputs, batch)
+
+    @override
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._collect("test", pl_module, outputs, batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._report("val", trainer, pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._report("test", trainer, pl_module)
+
+    def _collect(self, split: str, pl_module, outputs, batch) -> None:
+        if split not in self.splits or outputs is None:
+            return
+        gate = getattr(pl_module.head, "last_gate", None)
+        n = len(batch["labels"])
+        gate = (
+            gate.float()
+            if gate is not None and len(gate) == n
+            else torch.zeros(n, 0, device=batch["labels"].device)
+        )
+        cols = [
+            batch["index"].unsqueeze(1).float(),
+            batch["labels"].unsqueeze(1).float(),
+            outputs["preds"].unsqueeze(1).float(),
+            gate,
+        ]
+        self._rows[split].append(torch.cat(cols, dim=1))
+
+    def _report(self, split: str, trainer: L.Trainer, pl_module) -> None:
+        if split not in self.splits or not self._rows.get(split):
+            return
+        rows = torch.cat(self._rows[split])
+        if trainer.world_size > 1:
+            rows = pl_module.all_gather(rows).flatten(0, 1)
+        if not trainer.is_global_zero:
+            return
+        rows = rows.cpu().numpy()
+        _, first = np.unique(rows[:, 0], return_index=True)
+        rows = rows[first]
+        names = pl_module.label_names
+        matrix = np.zeros((len(names), len(names)), dtype=np.int64)
+        np.add.at(matrix, (rows[:, 1].astype(int), rows[:, 2].astype(int)), 1)
+        per_class = _per_class_f1(matrix)
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}_")
+        }
+        metrics.update({f"{split}_f1_{name}": f for name, f in zip(names, per_class)})
+        gates = rows[:, 3:].mean(0) if rows.shape[1] > 3 else []
+        metrics.update(
+            {f"{split}_gate_{enc}": float(g) for enc, g in zip(pl_module.encoders, gates)}
+        )
+        metrics["epoch"] = trainer.current_epoch
+        out = run_dir(trainer)
+        write_json(
+            out / f"metrics_{split}.json",
+            {**metrics, "rows": int(len(rows)), "confusion_matrix": matrix.tolist()},
+        )
+        write_csv(
+            out / f"metrics_{split}.csv", [{"metric": k, "value": v} for k, v in metrics.items()]
+        )
+        log_metrics(trainer, {k: v for k, v in metrics.items() if "_f1_" in k or "_gate_" in k})
+        self._figures(split, trainer, matrix, names, gates, list(pl_module.encoders))
+
+    def _figures(self, split, trainer, matrix, names, gates, encoders) -> None:
+        out = run_dir(trainer)
+        cm = plots.confusion_matrix(
+            matrix, names, out / f"confusion_{split}.png", title=f"{split} confusion matrix"
+        )
+        log_image(trainer, f"{split}/confusion_matrix", cm)
+        log_table(
+            trainer,
+            f"{split}/per_class_f1",
+            [{"label": n, "f1": f} for n, f in zip(names, _per_class_f1(matrix))],
+        )
+        if len(gates):
+            g = plots.bars(
+                encoders,
+                [float(x) for x in gates],
+                out / f"gates_{split}.png",
+                "mean gate weight",
+                f"{split}: gate weight per encoder",
+            )
+            log_image(trainer, f"{split}/gate_weights", g)
+
+
+def _per_class_f1(matrix: np.ndarray) -> list[float]:
+    tp = np.diag(matrix).astype(float)
+    precision = tp / np.clip(matrix.sum(0), 1, None)
+    recall = tp / np.clip(matrix.sum(1), 1, None)
+    return [
+        float(x)
+        for x in np.where(
+            precision + recall > 0,
+            2 * precision * recall / np.clip(precision + recall, 1e-12, None),
+            0.0,
+        )
+    ]

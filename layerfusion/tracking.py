@@ -1,0 +1,67 @@
+"""Run files and logger output shared by the callbacks: rank 0 only, W&B-aware, atomic writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run directory: `trainer.default_root_dir` (stable across fit / test / predict of one run)."""
+    path = Path(trainer.default_root_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def log_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Scalars to every logger (call on rank 0)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def log_image(trainer: L.Trainer, key: str, path: Path) -> None:
+    """A PNG to W&B (other loggers: the file in the run directory is the record)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)])
+
+
+def log_table(trainer: L.Trainer, key: str, rows: list[dict]) -> None:
+    """Rows of dicts as a W&B Table (other loggers: the CSV in the run directory is the record)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(
+                key=key, columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+            )
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    return _atomic(path, json.dumps(obj, indent=1, default=float))
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """Write rows of dicts as CSV atomically."""
+    from io import StringIO
+
+    buf = StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return _atomic(path, buf.getvalue())
+
+
+def _atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
