@@ -198,8 +198,6 @@ def extract(
 
     `sort_by_length=False` keeps the given order (only for measuring what bucketing saves).
     """
-    from tqdm.auto import tqdm
-
     tok = encoder.tokenizer
     ids = tok(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
     order = (
@@ -208,15 +206,42 @@ def extract(
         else list(range(len(texts)))
     )
     encoder.to(device)
-    bar = tqdm(total=len(texts), desc=f"extract {desc}", unit="ex", disable=None)
-    with torch.inference_mode():
+    with _progress() as bar, torch.inference_mode():
+        task = bar.add_task(f"extract {desc}", total=len(texts))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
             feats = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             out[rows] = feats.cpu().numpy().astype(out.dtype)
-            bar.update(len(rows))
-    bar.close()
+            bar.advance(task, len(rows))
+
+
+def _progress():
+    """A rich progress bar with examples/s (drawn on a terminal; the log line after it says the same)."""
+    import sys
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.0f} ex/s" if task.speed else "- ex/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Speed(),
+        TimeRemainingColumn(),
+        disable=not sys.stderr.isatty(),
+    )
 
 
 def verify(path: Path, key: dict) -> str | None:
