@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -157,8 +159,10 @@ class FeatureCache:
         self, path: Path, key: dict, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]
     ) -> None:
         """Write an entry atomically: fill an array in a temporary directory, checksum it, rename into place."""
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(path)
+        tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         try:
             out = np.lib.format.open_memmap(
                 tmp / "features.npy", mode="w+", dtype=self.dtype, shape=shape
@@ -272,6 +276,26 @@ def open_entry(path: Path) -> torch.Tensor:
         path / "features.npy", mmap_mode="c", allow_pickle=False
     )  # copy-on-write: writable view, file untouched
     return torch.from_numpy(np.asarray(array))
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete temporary directories of `path` left by killed processes on this host."""
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.warning("removing partial feature cache entry left by a killed run: %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def texts_fingerprint(texts: list[str]) -> str:

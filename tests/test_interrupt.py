@@ -1,0 +1,122 @@
+"""Runs killed with SIGKILL: during feature extraction, and during fit; the next run recovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import MINILM, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _config(d: Path, shared_data: Path, train: int) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
+    cfg["model"]["cache_dir"] = str(d / "cache")
+    cfg["model"]["extract_batch_size"] = 16
+    cfg["data"].update(
+        dataset="sst2", data_dir=str(shared_data), max_train_samples=train, max_eval_samples=100
+    )
+    cfg["trainer"]["logger"] = False
+    cfg["trainer"]["callbacks"] = [
+        c for c in cfg["trainer"]["callbacks"] if "EarlyStopping" not in c["class_path"]
+    ]
+    path = d / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run")))
+    return path
+
+
+def _start(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "layerfusion", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, (
+            f"process ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
+        )
+        assert time.time() < deadline, "condition never met"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    return err
+
+
+def test_killed_during_extraction_then_rebuilt_identically(tmp_path, shared_data):
+    cfg = _config(tmp_path, shared_data, train=1500)
+    cache = tmp_path / "cache"
+    proc = _start("fit", "--config", str(cfg), "--trainer.max_epochs", "1", cwd=tmp_path)
+    # kill once the train entry's array is being filled in its temporary directory
+    _kill_when(proc, lambda: any(p.name == "features.npy" for p in cache.rglob(".train-*.tmp-*/*")))
+    assert list(cache.rglob(".train-*.tmp-*")), "the killed run left its temporary directory"
+    assert not [p for p in cache.rglob("manifest.json") if "train-" in p.parent.name], (
+        "no complete-looking train entry"
+    )
+
+    err = _finish(_start("fit", "--config", str(cfg), "--trainer.max_epochs", "1", cwd=tmp_path))
+    assert "removing partial feature cache entry left by a killed run" in err
+    assert "extracted all-MiniLM-L6-v2/train: 1500 rows" in err
+    assert not list(cache.rglob("*.tmp-*"))
+
+    # identical to an uninterrupted extraction of the same rows
+    from layerfusion.data.datamodule import TextClassificationDataModule
+    from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+    from layerfusion.features.cache import FeatureCache
+
+    dm = TextClassificationDataModule(
+        "sst2", data_dir=str(shared_data), max_train_samples=1500, max_eval_samples=100
+    )
+    dm.setup("fit")
+    encoder = FrozenEncoder(EncoderSpec(MINILM, max_length=64))
+    fresh = FeatureCache(tmp_path / "fresh", batch_size=16).load_or_build(
+        encoder, dm.texts("train"), "train"
+    )
+    resumed = FeatureCache(cache, batch_size=16).load_or_build(encoder, dm.texts("train"), "train")
+    assert torch.equal(fresh, resumed)
+
+
+def test_killed_during_fit_resumes_from_last(tmp_path, shared_data):
+    cfg = _config(tmp_path, shared_data, train=400)
+    ckpts = tmp_path / "run" / "checkpoints"
+    proc = _start("fit", "--config", str(cfg), "--trainer.max_epochs", "300", cwd=tmp_path)
+    _kill_when(proc, lambda: (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file())
+    before = torch.load(ckpts / "last.ckpt", weights_only=True)  # complete, loadable
+    assert before["epoch"] < 299
+
+    _finish(
+        _start(
+            "fit",
+            "--config",
+            str(cfg),
+            "--trainer.max_epochs",
+            str(before["epoch"] + 3),
+            "--ckpt_path",
+            "last",
+            cwd=tmp_path,
+        )
+    )
+    after = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert after["epoch"] == before["epoch"] + 2  # resumed, not restarted
+    assert after["global_step"] > before["global_step"]
