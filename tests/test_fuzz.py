@@ -1,0 +1,71 @@
+"""Property-based fuzzing of the JSONL reader and the collate function (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from layerfusion.data.datamodule import Collator
+from layerfusion.data.jsonl import DataError, read_jsonl
+
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=5,
+)
+rows = st.one_of(
+    st.fixed_dictionaries(
+        {"text": st.text(min_size=1), "label": st.one_of(st.text(min_size=1), st.integers())}
+    ),
+    st.dictionaries(st.sampled_from(["text", "label", "other"]), json_values, max_size=3),
+    json_values,
+)
+
+
+@SETTINGS
+@given(
+    lines=st.lists(
+        st.one_of(rows.map(json.dumps).map(str.encode), st.binary(max_size=40)), max_size=8
+    )
+)
+def test_reader_returns_examples_or_a_data_error(tmp_path, lines):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        ex = read_jsonl(path)
+    except DataError as err:
+        assert str(err).startswith(str(path))  # every error names the file (and line)
+        return
+    assert len(ex.texts) == len(ex.labels) == len(ex.lines) > 0
+    assert all(isinstance(t, str) and t.strip() for t in ex.texts)
+    assert all(isinstance(lab, str) for lab in ex.labels)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return {"minilm": (AutoTokenizer.from_pretrained(minilm_dir), 16)}
+
+
+@SETTINGS
+@given(texts=st.lists(st.text(min_size=1, max_size=300), min_size=1, max_size=6))
+def test_collate_pads_truncates_and_keeps_rows(tokenizers, texts):
+    batch = Collator(tokenizers)(
+        [{"index": i, "text": t, "label": i % 2} for i, t in enumerate(texts)]
+    )
+    ids, mask = batch["inputs"]["minilm"]["input_ids"], batch["inputs"]["minilm"]["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == len(texts) and 2 <= ids.shape[1] <= 16
+    assert (mask.sum(1) >= 2).all()  # at least [CLS] and [SEP], even for text the tokenizer drops
+    assert batch["index"].tolist() == list(range(len(texts)))
+
+
+def test_a_megabyte_text_is_truncated_not_exploded(tokenizers):
+    batch = Collator(tokenizers)([{"index": 0, "text": "word " * 200_000, "label": 0}])
+    assert batch["inputs"]["minilm"]["input_ids"].shape == (1, 16)
