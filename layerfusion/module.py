@@ -227,7 +227,10 @@ class LayerFusionModule(L.LightningModule):
         )
 
     def teardown(self, stage: str) -> None:
+        """Drop the stage's features and remove the encoders' hooks."""
         self.features.clear()
+        for encoder in self.encoders.values():
+            encoder.close()
 
     # -- checkpoints: head only ------------------------------------------------------------------
 

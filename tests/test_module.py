@@ -66,7 +66,12 @@ def test_fit_trains_only_the_head(tmp_path, tiny_models, sst2_slice):
         assert torch.equal(v, encoders_before[k]), f"encoder tensor {k} changed"
     assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
     assert any(not torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())
-    assert set(model.features) == {"train", "val"} or not model.features  # cleared on teardown
+    assert not model.features  # cleared on teardown
+    hooked = [m for enc in model.encoders.values() for m in enc.model.modules() if m._forward_hooks]
+    assert not hooked, "teardown removes every tap"
+    # a later stage on the same module taps again
+    online = _trainer(tmp_path).predict(model, dm)
+    assert torch.cat([o["probs"] for o in online]).shape == (80, 2)
 
 
 def test_checkpoint_is_head_only_and_restores_exactly(tmp_path, tiny_models, sst2_slice):

@@ -90,6 +90,8 @@ class FrozenEncoder(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
     ) -> torch.Tensor:
         """Run the encoder without gradients and return every layer pooled, `[B, L+1, d]` in fp32."""
+        if not self.taps.active:  # closed by a previous stage's teardown
+            self.taps = LayerTaps(tap_modules(self.model), self.spec.pooling)
         self.taps.start(attention_mask)
         extra = {"use_cache": False} if self.model.config.model_type in DECODERS else {}
         with torch.no_grad():
@@ -128,7 +130,7 @@ class FrozenEncoder(nn.Module):
         return hashlib.sha256(text.encode()).hexdigest()
 
     def close(self) -> None:
-        """Remove the taps' hooks."""
+        """Remove the taps' hooks (the next forward registers them again)."""
         self.taps.remove()
 
 
