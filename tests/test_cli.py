@@ -16,10 +16,11 @@ from conftest import MINILM, REPO
 from wandb_records import read_run
 
 pytestmark = pytest.mark.slow
+SECRET = "sk-layerfusion-test-secret-0123456789"  # a fake key in the environment: must never be written anywhere
 
 
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET}
     proc = subprocess.run(
         [sys.executable, "-m", "layerfusion", *args],
         cwd=cwd,
@@ -107,6 +108,8 @@ def test_fit_validate_test_predict(run_dir):
     )
 
     run_cli("predict", "--config", "full.yaml", "--ckpt_path", str(best), cwd=d)
+    leaked = [p for p in (d / "run").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked, f"API key written to {leaked}"
     rows = [json.loads(line) for line in (d / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 200
     assert set(rows[0]) == {"text", "label", "probs", "gold"}
