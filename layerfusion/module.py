@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -170,9 +169,7 @@ class LayerFusionModule(L.LightningModule):
     def batch_features(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
         """`{encoder: [B, L, d]}` for a batch: looked up in the cache, or computed by the encoders."""
         if self.hparams.features == "online":
-            return {
-                k: enc(**batch["inputs"][k]) for k, enc in self.encoders.items()
-            }  # input_ids, attention_mask
+            return {k: enc(**batch["inputs"][k]) for k, enc in self.encoders.items()}
         rows = batch["index"].cpu()
         return {
             k: feats[rows].to(self.device, torch.float32)
@@ -260,10 +257,7 @@ class LayerFusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["layerfusion"] = {
-            "encoders": {
-                k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
-                for k, e in self.encoders.items()
-            },
+            "encoders": self._encoder_ids(),
             "label_names": self.label_names,
             "head": self.hparams.head,
             "selection": self.selection,
@@ -275,15 +269,11 @@ class LayerFusionModule(L.LightningModule):
             raise ConfigError(
                 "checkpoint has no 'layerfusion' section: it was not written by layerfusion"
             )
-        ours = {
-            k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
-            for k, e in self.encoders.items()
-        }
+        ours = self._encoder_ids()
         if meta["encoders"] != ours:
             theirs = {k: v["name"] for k, v in meta["encoders"].items()}
-            raise ConfigError(
-                f"checkpoint was trained on encoders {theirs}; this run has { ({k: v['name'] for k, v in ours.items()}) } (or their weights differ)"
-            )
+            mine = {k: v["name"] for k, v in ours.items()}
+            raise ConfigError(f"checkpoint was trained on encoders {theirs}; this run has {mine} (or their weights differ)")
         if meta["label_names"] != self.label_names:
             raise ConfigError(
                 f"checkpoint labels {meta['label_names']} differ from this data's labels {self.label_names}"
@@ -297,6 +287,6 @@ class LayerFusionModule(L.LightningModule):
             self.set_selection(meta["selection"])
 
 
-def checkpoint_size_mb(path: str | Path) -> float:
-    """Size of a checkpoint file in MB."""
-    return Path(path).stat().st_size / 1e6
+    def _encoder_ids(self) -> dict[str, dict]:
+        """What identifies each encoder in a checkpoint: name, weight hash, depth."""
+        return {k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers} for k, e in self.encoders.items()}
