@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= configs/quickstart.yaml
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models models-test fit test test-all lint bench clean
+.PHONY: install models models-test fit test lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -35,8 +35,13 @@ lint: install
 	$(BIN)/ruff check layerfusion callbacks tests benchmarks
 	$(BIN)/ruff format --check layerfusion callbacks tests benchmarks
 
+# Full benchmarks (real MiniLM + MPNet, real data; ~20-40 min on 2 cores) -> benchmarks/results.json
 bench: models
-	@echo "no benchmarks yet"
+	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
+
+# Tiny sizes, MiniLM only: keeps the benchmark code working (also run by `make test`)
+bench-quick: models-test
+	$(BIN)/python benchmarks/run.py --quick --threads 1 --out benchmarks/out/quick.json
 
 clean:
 	rm -rf runs lightning_logs wandb .pytest_cache
