@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from layerfusion import plots
 from layerfusion.errors import ConfigError
 from layerfusion.importance import (
     COLUMNS,
@@ -27,6 +28,7 @@ from layerfusion.importance import (
     write_table,
 )
 from layerfusion.importance.scores import __doc__ as SCORE_FORMULA
+from layerfusion.tracking import log_image, log_metrics, log_table
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class LayerImportance(Callback):
 
     Args:
         weights: weight per component (`probe_acc`, `grad_norm`, `attention_entropy`), merged over the
-            defaults {probe_acc: 1.0, grad_norm: 0.5, attention_entropy: 0.25}; 0 switches one off.
+            defaults {probe_acc: 1.0, grad_norm: 0.5, attention_entropy: -0.25}; 0 switches one off, a
+            negative weight prefers low values (sharp attention).
         l2: L2 penalty of the probes and of the scoring head (on the mean cross-entropy).
         max_iter: L-BFGS iterations of each probe and of the scoring head.
         max_train_rows: score on a seeded subset of this many train rows (None = all).
@@ -62,7 +65,8 @@ class LayerImportance(Callback):
         attention_batch_size: batch size of that run.
         batch_size: rows per batch of the gradient pass.
         seed: seed of the row subsets.
-        dirpath: where to write the table (default: `trainer.log_dir`, else `default_root_dir`).
+        dirpath: where to write the table (default: `trainer.default_root_dir`, the run directory, as
+            `RunReport` does).
         filename: file stem of the table (`<filename>.csv`, `<filename>.json`).
     """
 
@@ -89,14 +93,23 @@ class LayerImportance(Callback):
             ("batch_size", batch_size, 1),
         ):
             if int(value) != value or value < low:
-                raise ConfigError(f"LayerImportance: {name} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(
+                    f"LayerImportance: {name} must be an integer >= {low}, got {value!r}"
+                )
         if max_train_rows is not None and max_train_rows < 2:
-            raise ConfigError(f"LayerImportance: max_train_rows must be >= 2 or None, got {max_train_rows}")
+            raise ConfigError(
+                f"LayerImportance: max_train_rows must be >= 2 or None, got {max_train_rows}"
+            )
         if not filename or "/" in filename:
-            raise ConfigError(f"LayerImportance: filename must be a plain file stem, got {filename!r}")
+            raise ConfigError(
+                f"LayerImportance: filename must be a plain file stem, got {filename!r}"
+            )
         self.l2, self.max_iter = float(l2), int(max_iter)
         self.max_train_rows = max_train_rows
-        self.attention_samples, self.attention_batch_size = int(attention_samples), int(attention_batch_size)
+        self.attention_samples, self.attention_batch_size = (
+            int(attention_samples),
+            int(attention_batch_size),
+        )
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.dirpath, self.filename = dirpath, filename
         self.table: list[LayerScore] | None = None
@@ -116,13 +129,17 @@ class LayerImportance(Callback):
         if self.table is None:
             return
         mark_selected(self.table, pl_module.selection)
-        directory = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir)  # log_dir: a collective, every rank
         if trainer.is_global_zero:
-            meta = {"weights": self.weights, "selection": pl_module.selection, "seconds": self.seconds,
-                    "formula": SCORE_FORMULA.strip()}
+            directory = Path(self.dirpath or trainer.default_root_dir)
+            meta = {
+                "weights": self.weights,
+                "selection": pl_module.selection,
+                "seconds": self.seconds,
+                "formula": SCORE_FORMULA.strip(),
+            }
             self.paths = write_table(self.table, directory, self.filename, meta)
             log.info("layer importance table: %s", self.paths[0])
-            self.log_table(trainer, self.table)
+            self.log_table(trainer, self.table, directory)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -149,16 +166,26 @@ class LayerImportance(Callback):
             return self.table
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "label_ids"):
-            raise ConfigError("LayerImportance needs the TextClassificationDataModule (trainer.fit(model, datamodule=...))")
+            raise ConfigError(
+                "LayerImportance needs the TextClassificationDataModule (trainer.fit(model, datamodule=...))"
+            )
         if getattr(dm, "streaming", False):
-            raise ConfigError("LayerImportance needs a map-style train split: set data.streaming=false")
+            raise ConfigError(
+                "LayerImportance needs a map-style train split: set data.streaming=false"
+            )
         strategy, device = trainer.strategy, trainer.strategy.root_device
         pl_module.prepare_features("fit")
         dm.setup("fit")
-        feats = {s: pl_module.features.get(s) or pl_module.extract_split(dm.texts(s), s) for s in ("train", "val")}
+        feats = {
+            s: pl_module.features.get(s) or pl_module.extract_split(dm.texts(s), s)
+            for s in ("train", "val")
+        }
         train_y_all = torch.tensor(dm.label_ids("train"), dtype=torch.long)
         rows = self._train_rows(len(train_y_all))
-        train_y, dev_y = train_y_all[rows].to(device), torch.tensor(dm.label_ids("val"), dtype=torch.long, device=device)
+        train_y, dev_y = (
+            train_y_all[rows].to(device),
+            torch.tensor(dm.label_ids("val"), dtype=torch.long, device=device),
+        )
         num_classes = len(pl_module.label_names)
         train = {e: x[rows].to(device, torch.float32) for e, x in feats["train"].items()}
         dev = {e: x.to(device, torch.float32) for e, x in feats["val"].items()}
@@ -174,7 +201,15 @@ class LayerImportance(Callback):
         acc = torch.zeros(len(pairs), dtype=torch.float64, device=device)
         for j, (e, layer) in enumerate(pairs):
             if j % world == rank:  # each rank fits its share of the probes on the whole train split
-                acc[j] = probe_accuracy(train[e][:, layer], train_y, dev[e][:, layer], dev_y, num_classes, self.l2, self.max_iter)
+                acc[j] = probe_accuracy(
+                    train[e][:, layer],
+                    train_y,
+                    dev[e][:, layer],
+                    dev_y,
+                    num_classes,
+                    self.l2,
+                    self.max_iter,
+                )
         acc = strategy.reduce(acc, reduce_op="sum")
         self.seconds["probe_acc"] = time.perf_counter() - start
 
@@ -214,17 +249,23 @@ class LayerImportance(Callback):
         g = torch.Generator().manual_seed(self.seed)
         return torch.randperm(n, generator=g)[: self.max_train_rows].sort().values
 
-    def _attention_entropy(self, trainer, pl_module, texts: list[str], rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    def _attention_entropy(
+        self, trainer, pl_module, texts: list[str], rows: torch.Tensor, device
+    ) -> dict[str, torch.Tensor]:
         """`{encoder: [L+1]}` mean attention entropy over a seeded sample of the scored train rows; NaN for layer 0."""
         g = torch.Generator().manual_seed(self.seed + 1)
-        sample = rows[torch.randperm(len(rows), generator=g)[: self.attention_samples]].sort().values
+        sample = (
+            rows[torch.randperm(len(rows), generator=g)[: self.attention_samples]].sort().values
+        )
         mine = sample[trainer.global_rank :: trainer.world_size].tolist()
         out = {}
         for key, encoder in pl_module.encoders.items():
             if self.attention_samples == 0:
                 out[key] = torch.full((encoder.num_layers,), math.nan, dtype=torch.float64)
                 continue
-            sums, count = encoder_attention_entropy(encoder, [texts[i] for i in mine], self.attention_batch_size, device)
+            sums, count = encoder_attention_entropy(
+                encoder, [texts[i] for i in mine], self.attention_batch_size, device
+            )
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
             count = trainer.strategy.reduce(count, reduce_op="sum")
             mean = (sums / count).cpu() if count > 0 else torch.full_like(sums, math.nan).cpu()
@@ -234,15 +275,15 @@ class LayerImportance(Callback):
 
     # -- logging ---------------------------------------------------------------------------------
 
-    def log_table(self, trainer: L.Trainer, table: list[LayerScore]) -> None:
-        """Send the table to the loggers (rank 0): each layer's score as a metric, and the whole table to
-        loggers that take tables (`log_table`, e.g. W&B). Override to add plots (the heatmap)."""
-        metrics = {f"importance/{r.encoder}/layer_{r.layer:02d}": r.score for r in table}
-        data = [[getattr(r, c) for c in COLUMNS] for r in table]
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            if hasattr(logger, "log_table"):
-                logger.log_table(key="layer_importance", columns=list(COLUMNS), data=data)
+    def log_table(self, trainer: L.Trainer, table: list[LayerScore], directory: Path) -> None:
+        """Send the table to the loggers (rank 0): each layer's score as a metric, the whole table as a
+        W&B Table, and an encoder x layer heatmap of the score (selected layers boxed), also written
+        to `directory` as `<filename>_heatmap.png`."""
+        rows = [{c: getattr(r, c) for c in COLUMNS} for r in table]
+        log_metrics(trainer, {f"importance/{r.encoder}/layer_{r.layer:02d}": r.score for r in table})
+        log_table(trainer, "layer_importance", rows)
+        heatmap = plots.importance_heatmap(rows, directory / f"{self.filename}_heatmap.png")
+        log_image(trainer, "layer_importance_heatmap", heatmap)
 
 
 def _summary(table: list[LayerScore]) -> str:

@@ -52,6 +52,10 @@ def run_dir(tmp_path_factory, shared_data) -> Path:
         dataset="sst2", data_dir=str(shared_data), max_train_samples=600, max_eval_samples=200
     )
     cfg["trainer"]["max_epochs"] = 6
+    cfg["trainer"]["callbacks"][:0] = [
+        {"class_path": "layerfusion.callbacks.LayerImportance", "init_args": {"attention_samples": 32}},
+        {"class_path": "layerfusion.callbacks.LayerSelection", "init_args": {"strategy": "top_k", "k": 3}},
+    ]
     text = yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run"))
     (d / "small.yaml").write_text(text)
     full = run_cli("fit", "--config", "small.yaml", "--print_config", cwd=d).stdout
@@ -106,6 +110,15 @@ def test_fit_validate_test_predict(run_dir):
     assert list(
         (wandb_runs[0] / "files" / "media" / "images" / "val").glob("confusion_matrix*.png")
     )
+    media = wandb_runs[0] / "files" / "media"
+    assert list((media / "table").glob("layer_importance*.table.json")), "importance table logged as a W&B Table"
+    assert list((media / "images").glob("layer_importance_heatmap*.png")), "importance heatmap logged as an image"
+    table = (d / "run" / "importance.csv").read_text().splitlines()
+    assert table[0].startswith("encoder,layer,grad_norm,attention_entropy,probe_acc,score,selected")
+    assert len(table) == 1 + 7 and sum(",True" in row for row in table) == 3  # 7 MiniLM layers, top 3 kept
+    chosen = sorted(int(r.split(",")[1]) for r in table[1:] if r.endswith(",True"))
+    assert ckpt["layerfusion"]["selection"]["all-MiniLM-L6-v2"] == chosen
+    assert (d / "run" / "importance_heatmap.png").stat().st_size > 1000
 
     run_cli("predict", "--config", "full.yaml", "--ckpt_path", str(best), cwd=d)
     leaked = [p for p in (d / "run").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
