@@ -6,10 +6,10 @@ import logging
 from typing import Literal
 
 import lightning as L
+from layerfusion.callbacks.layer_importance import LayerImportance
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from layerfusion.callbacks.layer_importance import LayerImportance
 from layerfusion.errors import ConfigError
 from layerfusion.importance import scores_by_encoder, select_cumulative, select_fixed, select_top_k
 
@@ -44,14 +44,20 @@ class LayerSelection(Callback):
         layers: dict[str, list[int]] | None = None,
     ) -> None:
         if strategy not in ("top_k", "cumulative", "fixed"):
-            raise ConfigError(f"LayerSelection: strategy must be 'top_k', 'cumulative' or 'fixed', got {strategy!r}")
+            raise ConfigError(
+                f"LayerSelection: strategy must be 'top_k', 'cumulative' or 'fixed', got {strategy!r}"
+            )
         ks = k.values() if isinstance(k, dict) else [k]
         if any(int(n) != n or n < 1 for n in ks):
-            raise ConfigError(f"LayerSelection: k must be an integer >= 1 (or a dict of them), got {k!r}")
+            raise ConfigError(
+                f"LayerSelection: k must be an integer >= 1 (or a dict of them), got {k!r}"
+            )
         if not 0 < share <= 1:
             raise ConfigError(f"LayerSelection: share must be in (0, 1], got {share}")
         if strategy == "fixed" and not layers:
-            raise ConfigError("LayerSelection: strategy 'fixed' needs `layers`, e.g. {all-MiniLM-L6-v2: [4, 6]}")
+            raise ConfigError(
+                "LayerSelection: strategy 'fixed' needs `layers`, e.g. {all-MiniLM-L6-v2: [4, 6]}"
+            )
         self.strategy, self.k, self.share = strategy, k, float(share)
         self.layers = {e: list(v) for e, v in layers.items()} if layers else None
         self.selection: dict[str, list[int]] | None = None
@@ -62,7 +68,9 @@ class LayerSelection(Callback):
             return
         head = getattr(pl_module.hparams, "head", None)
         if head == "last_layer":
-            raise ConfigError("LayerSelection: model.head=last_layer always reads the last layer; use another head or drop LayerSelection")
+            raise ConfigError(
+                "LayerSelection: model.head=last_layer always reads the last layer; use another head or drop LayerSelection"
+            )
         selection = self.choose(trainer, pl_module)
         selection = trainer.strategy.broadcast(selection, src=0)
         if selection != pl_module.selection:

@@ -56,7 +56,7 @@ def _one_informative_layer(n: int, layers: int, dim: int, signal: int, seed: int
 def test_probe_accuracy_ranks_the_informative_layer_first():
     x, y = _one_informative_layer(900, layers=5, dim=12, signal=3, seed=0)
     train_x, train_y, dev_x, dev_y = x[:600], y[:600], x[600:], y[600:]
-    acc = [probe_accuracy(train_x[:, l], train_y, dev_x[:, l], dev_y, 3) for l in range(5)]
+    acc = [probe_accuracy(train_x[:, i], train_y, dev_x[:, i], dev_y, 3) for i in range(5)]
     assert max(range(5), key=acc.__getitem__) == 3
     assert acc[3] > 0.9 and max(acc[:3] + acc[4:]) < 0.5  # chance is 1/3
 
@@ -213,21 +213,27 @@ def _build(tiny_models, data_dir, cache_dir):
     return dm, model
 
 
-def _fit(tmp_path, tiny_models, data_dir, callbacks, **kw):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One feature cache for this module's fits (entries are keyed by model, texts and split)."""
+    return tmp_path_factory.mktemp("importance-cache")
+
+
+def _fit(tmp_path, tiny_models, data_dir, cache, callbacks, **kw):
     L.seed_everything(0)
-    dm, model = _build(tiny_models, data_dir, tmp_path / "cache")
-    trainer = L.Trainer(
+    dm, model = _build(tiny_models, data_dir, cache)
+    args = dict(
         accelerator="cpu",
         devices=1,
-        max_epochs=kw.pop("max_epochs", 1),
+        max_epochs=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
         default_root_dir=tmp_path / "run",
         callbacks=callbacks,
-        **kw,
     )
+    trainer = L.Trainer(**{**args, **kw})
     trainer.fit(model, dm)
     return trainer, model, dm
 
@@ -236,7 +242,9 @@ def _importance(**kw):
     return LayerImportance(attention_samples=24, attention_batch_size=8, max_iter=30, **kw)
 
 
-def test_importance_table_selection_and_checkpoint_round_trip(tmp_path, tiny_models, sst2_slice):
+def test_importance_table_selection_and_checkpoint_round_trip(
+    tmp_path, tiny_models, sst2_slice, cache
+):
     importance, selection = (
         _importance(),
         LayerSelection(strategy="top_k", k={"bert": 1, "gpt2": 2}),
@@ -244,7 +252,9 @@ def test_importance_table_selection_and_checkpoint_round_trip(tmp_path, tiny_mod
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", filename="best", monitor="val_acc", mode="max"
     )
-    trainer, model, _ = _fit(tmp_path, tiny_models, sst2_slice, [selection, importance, ckpt])
+    trainer, model, _ = _fit(
+        tmp_path, tiny_models, sst2_slice, cache, [selection, importance, ckpt]
+    )
 
     chosen = model.selection
     assert len(chosen["bert"]) == 1 and len(chosen["gpt2"]) == 2 and chosen == selection.selection
@@ -263,7 +273,7 @@ def test_importance_table_selection_and_checkpoint_round_trip(tmp_path, tiny_mod
     # the table: every (encoder, layer), layer 0 without entropy, written to the run dir, `selected` set
     table = read_table(tmp_path / "run" / "importance.csv")
     assert [(r.encoder, r.layer) for r in table] == [
-        (e, l) for e in ("bert", "gpt2") for l in range(3)
+        (e, i) for e in ("bert", "gpt2") for i in range(3)
     ]
     assert all(math.isnan(r.attention_entropy) == (r.layer == 0) for r in table)
     assert all(
@@ -285,7 +295,7 @@ def test_importance_table_selection_and_checkpoint_round_trip(tmp_path, tiny_mod
     saved = torch.load(ckpt.best_model_path, weights_only=True)
     assert saved["layerfusion"]["selection"] == chosen
     assert saved["callbacks"]["LayerImportance"]["table"][0]["encoder"] == "bert"
-    dm2, fresh = _build(tiny_models, sst2_slice, tmp_path / "cache")
+    dm2, fresh = _build(tiny_models, sst2_slice, cache)
     assert fresh.selection != chosen
     tester = L.Trainer(
         accelerator="cpu",
@@ -300,7 +310,7 @@ def test_importance_table_selection_and_checkpoint_round_trip(tmp_path, tiny_mod
     plain = LayerFusionModule(
         _specs(tiny_models),
         label_names=dm2.label_names,
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(cache),
         hidden=16,
     )
     plain.load_state_dict(saved["state_dict"])
@@ -320,7 +330,7 @@ def _poison_test_split(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_scoring_and_selection_never_read_the_test_split(tmp_path, tiny_models, sst2_slice):
+def test_scoring_and_selection_never_read_the_test_split(tmp_path, tiny_models, sst2_slice, cache):
     poisoned = _poison_test_split(sst2_slice, tmp_path / "poisoned")
     results = []
     for name, data in (("clean", sst2_slice), ("poisoned", poisoned)):
@@ -329,6 +339,7 @@ def test_scoring_and_selection_never_read_the_test_split(tmp_path, tiny_models, 
             tmp_path / name,
             tiny_models,
             data,
+            cache,
             [importance, selection],
             max_epochs=1,
             limit_train_batches=1,
@@ -353,6 +364,7 @@ def test_callback_order_does_not_matter_and_fixed_needs_no_scores(
             tmp_path / str(i),
             tiny_models,
             sst2_slice,
+            cache,
             [cbs[j] for j in order],
             limit_train_batches=1,
             limit_val_batches=1,
@@ -365,13 +377,14 @@ def test_callback_order_does_not_matter_and_fixed_needs_no_scores(
         tmp_path / "fixed",
         tiny_models,
         sst2_slice,
+        cache,
         [fixed],
         limit_train_batches=1,
         limit_val_batches=1,
     )
     assert model.selection == {"bert": [2], "gpt2": [0, 2]}
     with pytest.raises(ConfigError, match="needs exactly one LayerImportance"):
-        _fit(tmp_path / "none", tiny_models, sst2_slice, [LayerSelection(strategy="top_k")])
+        _fit(tmp_path / "none", tiny_models, sst2_slice, cache, [LayerSelection(strategy="top_k")])
 
 
 # -- DDP ------------------------------------------------------------------------------------------
@@ -394,7 +407,9 @@ class RecordSelection(L.Callback):
 
 
 @pytest.mark.slow
-def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(tmp_path, tiny_models, sst2_slice):
+def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(
+    tmp_path, tiny_models, sst2_slice, cache
+):
     def run(devices: int, strategy: str, out: Path):
         out.mkdir()
         cbs = [_importance(), LayerSelection(strategy="top_k", k=1), RecordSelection(str(out))]
@@ -402,6 +417,7 @@ def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(tmp_path, tiny_m
             out,
             tiny_models,
             sst2_slice,
+            cache,
             cbs,
             devices=devices,
             strategy=strategy,

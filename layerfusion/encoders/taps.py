@@ -56,14 +56,22 @@ class LayerTaps:
     def active(self) -> bool:
         return bool(self._handles)
 
-    def _hook(self, index: int):
-        def hook(module: nn.Module, args, output) -> None:
-            if self._mask is None:
-                return  # the encoder was run without start(): nothing to record
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            self._pooled[index] = pool(hidden, self._mask, self.pooling)
+    def _hook(self, index: int) -> _Tap:
+        return _Tap(self, index)
 
-        return hook
+
+class _Tap:
+    """The forward hook of one layer (a class, not a closure, so that the model pickles for ddp_spawn)."""
+
+    def __init__(self, taps: LayerTaps, index: int) -> None:
+        self.taps, self.index = taps, index
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        taps = self.taps
+        if taps._mask is None:
+            return  # the encoder was run without start(): nothing to record
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        taps._pooled[self.index] = pool(hidden, taps._mask, taps.pooling)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -3,7 +3,11 @@
 Pure functions on tensors and tables; the callbacks `LayerImportance` and `LayerSelection` drive them.
 """
 
-from layerfusion.importance.attention import attention_entropy, eager_attention, encoder_attention_entropy
+from layerfusion.importance.attention import (
+    attention_entropy,
+    eager_attention,
+    encoder_attention_entropy,
+)
 from layerfusion.importance.gradients import AllLayersLinear, fit_scoring_head, grad_norm_sums
 from layerfusion.importance.probes import fit_lbfgs, probe_accuracy, standardise
 from layerfusion.importance.scores import (

@@ -40,6 +40,7 @@ def encoder_attention_entropy(
     model, tok = encoder.model, encoder.tokenizer
     extra = {"use_cache": False} if model.config.model_type in DECODERS else {}
     encoder.to(device)
+    _register_output_capture(model)
     with eager_attention(model), torch.no_grad():
         for start in range(0, len(texts), batch_size):
             batch = tok(
@@ -50,7 +51,9 @@ def encoder_attention_entropy(
                 return_tensors="pt",
             ).to(device)
             mask = batch["attention_mask"]
-            out = model(input_ids=batch["input_ids"], attention_mask=mask, output_attentions=True, **extra)
+            out = model(
+                input_ids=batch["input_ids"], attention_mask=mask, output_attentions=True, **extra
+            )
             attentions = out.attentions or ()
             if len(attentions) != encoder.num_layers - 1:
                 raise RuntimeError(
@@ -78,3 +81,20 @@ def eager_attention(model) -> Iterator[None]:
     finally:
         if switch:
             model.set_attn_implementation(previous)
+
+
+def _register_output_capture(model) -> None:
+    """Make sure transformers knows what `model` can record (its attentions).
+
+    transformers 5 registers a class's recordable outputs when a model is constructed; a model unpickled in
+    a `ddp_spawn` worker was never constructed there, and `output_attentions=True` then silently returns no
+    attention maps. Registering again is what construction does (a no-op where already registered).
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry returns attentions directly
+        return
+    for module in model.modules():
+        recordable = getattr(module, "_can_record_outputs", None)
+        if recordable and str(module.__class__) not in _CAN_RECORD_REGISTRY:
+            _CAN_RECORD_REGISTRY[module] = recordable

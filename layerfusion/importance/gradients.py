@@ -58,11 +58,16 @@ def grad_norm_sums(
     The loss is summed over the batch, so row i's gradient is the gradient of its own loss (the head must
     treat rows independently: no batch norm, eval mode). Features enter as leaf tensors with requires_grad.
     """
-    sums = {e: torch.zeros(x.shape[1], dtype=torch.float64, device=x.device) for e, x in features.items()}
+    sums = {
+        e: torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        for e, x in features.items()
+    }
     with torch.inference_mode(False), torch.enable_grad():
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            leaves = {e: x[batch].detach().clone().requires_grad_(True) for e, x in features.items()}
+            leaves = {
+                e: x[batch].detach().clone().requires_grad_(True) for e, x in features.items()
+            }
             loss = F.cross_entropy(head(leaves), labels[batch], reduction="sum")
             grads = torch.autograd.grad(loss, list(leaves.values()))
             for e, g in zip(leaves, grads):

@@ -18,7 +18,9 @@ def probe_accuracy(
 ) -> float:
     """Dev accuracy of a linear probe fitted on `train_x [N, d]` alone (features z-scored with train statistics)."""
     train_x, dev_x = standardise(train_x, dev_x)
-    probe = fit_lbfgs(zero_linear(train_x.shape[1], num_classes, train_x.device), train_x, train_y, l2, max_iter)
+    probe = fit_lbfgs(
+        zero_linear(train_x.shape[1], num_classes, train_x.device), train_x, train_y, l2, max_iter
+    )
     with torch.no_grad():
         return (probe(dev_x).argmax(-1) == dev_y).float().mean().item()
 

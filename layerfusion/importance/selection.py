@@ -10,10 +10,12 @@ from layerfusion.fusion.heads import resolve_layers
 
 def ranked(scores: dict[int, float]) -> list[int]:
     """Layers from best to worst score; ties go to the deeper layer, NaN scores last."""
-    return sorted(scores, key=lambda l: (math.isnan(scores[l]), -_finite(scores[l]), -l))
+    return sorted(scores, key=lambda i: (math.isnan(scores[i]), -_finite(scores[i]), -i))
 
 
-def select_top_k(scores: dict[str, dict[int, float]], k: int | dict[str, int]) -> dict[str, list[int]]:
+def select_top_k(
+    scores: dict[str, dict[int, float]], k: int | dict[str, int]
+) -> dict[str, list[int]]:
     """The `k` best layers of each encoder (`k` per encoder when a dict; clipped to the encoder's depth)."""
     out = {}
     for encoder, layer_scores in scores.items():
@@ -33,7 +35,7 @@ def select_cumulative(scores: dict[str, dict[int, float]], share: float) -> dict
     out = {}
     for encoder, layer_scores in scores.items():
         order = ranked(layer_scores)
-        total = sum(_finite(layer_scores[l]) for l in order)
+        total = sum(_finite(layer_scores[i]) for i in order)
         chosen, running = [], 0.0
         for layer in order:
             chosen.append(layer)
