@@ -355,7 +355,7 @@ def test_scoring_and_selection_never_read_the_test_split(tmp_path, tiny_models, 
 
 
 def test_callback_order_does_not_matter_and_fixed_needs_no_scores(
-    tmp_path, tiny_models, sst2_slice
+    tmp_path, tiny_models, sst2_slice, cache
 ):
     selections = []
     for i, order in enumerate(((0, 1), (1, 0))):
