@@ -32,8 +32,8 @@ test: models-test
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check layerfusion callbacks tests benchmarks
-	$(BIN)/ruff format --check layerfusion callbacks tests benchmarks
+	$(BIN)/ruff check layerfusion callbacks tests benchmarks scripts
+	$(BIN)/ruff format --check layerfusion callbacks tests benchmarks scripts
 
 # Full benchmarks (real MiniLM + MPNet, real data; ~20-40 min on 2 cores) -> benchmarks/results.json
 bench: models

@@ -280,7 +280,9 @@ class LayerImportance(Callback):
         W&B Table, and an encoder x layer heatmap of the score (selected layers boxed), also written
         to `directory` as `<filename>_heatmap.png`."""
         rows = [{c: getattr(r, c) for c in COLUMNS} for r in table]
-        log_metrics(trainer, {f"importance/{r.encoder}/layer_{r.layer:02d}": r.score for r in table})
+        log_metrics(
+            trainer, {f"importance/{r.encoder}/layer_{r.layer:02d}": r.score for r in table}
+        )
         log_table(trainer, "layer_importance", rows)
         heatmap = plots.importance_heatmap(rows, directory / f"{self.filename}_heatmap.png")
         log_image(trainer, "layer_importance_heatmap", heatmap)

@@ -273,7 +273,9 @@ class LayerFusionModule(L.LightningModule):
         if meta["encoders"] != ours:
             theirs = {k: v["name"] for k, v in meta["encoders"].items()}
             mine = {k: v["name"] for k, v in ours.items()}
-            raise ConfigError(f"checkpoint was trained on encoders {theirs}; this run has {mine} (or their weights differ)")
+            raise ConfigError(
+                f"checkpoint was trained on encoders {theirs}; this run has {mine} (or their weights differ)"
+            )
         if meta["label_names"] != self.label_names:
             raise ConfigError(
                 f"checkpoint labels {meta['label_names']} differ from this data's labels {self.label_names}"
@@ -286,7 +288,9 @@ class LayerFusionModule(L.LightningModule):
             log.info("restoring layer selection from checkpoint: %s", meta["selection"])
             self.set_selection(meta["selection"])
 
-
     def _encoder_ids(self) -> dict[str, dict]:
         """What identifies each encoder in a checkpoint: name, weight hash, depth."""
-        return {k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers} for k, e in self.encoders.items()}
+        return {
+            k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
+            for k, e in self.encoders.items()
+        }

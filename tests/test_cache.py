@@ -139,7 +139,9 @@ def test_sharded_build_equals_single_process_build(tmp_path, encoder, tiny_model
     results: dict[int, torch.Tensor] = {}
 
     def rank(r: int) -> None:
-        results[r] = cache.load_or_build(encoders[r], TEXTS, "train", shard=(r, 2), barrier=gate.wait)
+        results[r] = cache.load_or_build(
+            encoders[r], TEXTS, "train", shard=(r, 2), barrier=gate.wait
+        )
 
     threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(2)]
     for t in threads:

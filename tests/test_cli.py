@@ -20,7 +20,13 @@ SECRET = "sk-layerfusion-test-secret-0123456789"  # a fake key in the environmen
 
 
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": SECRET,
+        "HF_TOKEN": SECRET,
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "layerfusion", *args],
         cwd=cwd,
@@ -53,8 +59,14 @@ def run_dir(tmp_path_factory, shared_data) -> Path:
     )
     cfg["trainer"]["max_epochs"] = 6
     cfg["trainer"]["callbacks"][:0] = [
-        {"class_path": "layerfusion.callbacks.LayerImportance", "init_args": {"attention_samples": 32}},
-        {"class_path": "layerfusion.callbacks.LayerSelection", "init_args": {"strategy": "top_k", "k": 3}},
+        {
+            "class_path": "layerfusion.callbacks.LayerImportance",
+            "init_args": {"attention_samples": 32},
+        },
+        {
+            "class_path": "layerfusion.callbacks.LayerSelection",
+            "init_args": {"strategy": "top_k", "k": 3},
+        },
     ]
     text = yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run"))
     (d / "small.yaml").write_text(text)
@@ -111,17 +123,25 @@ def test_fit_validate_test_predict(run_dir):
         (wandb_runs[0] / "files" / "media" / "images" / "val").glob("confusion_matrix*.png")
     )
     media = wandb_runs[0] / "files" / "media"
-    assert list((media / "table").glob("layer_importance*.table.json")), "importance table logged as a W&B Table"
-    assert list((media / "images").glob("layer_importance_heatmap*.png")), "importance heatmap logged as an image"
+    assert list((media / "table").glob("layer_importance*.table.json")), (
+        "importance table logged as a W&B Table"
+    )
+    assert list((media / "images").glob("layer_importance_heatmap*.png")), (
+        "importance heatmap logged as an image"
+    )
     table = (d / "run" / "importance.csv").read_text().splitlines()
     assert table[0].startswith("encoder,layer,grad_norm,attention_entropy,probe_acc,score,selected")
-    assert len(table) == 1 + 7 and sum(",True" in row for row in table) == 3  # 7 MiniLM layers, top 3 kept
+    assert (
+        len(table) == 1 + 7 and sum(",True" in row for row in table) == 3
+    )  # 7 MiniLM layers, top 3 kept
     chosen = sorted(int(r.split(",")[1]) for r in table[1:] if r.endswith(",True"))
     assert ckpt["layerfusion"]["selection"]["all-MiniLM-L6-v2"] == chosen
     assert (d / "run" / "importance_heatmap.png").stat().st_size > 1000
 
     run_cli("predict", "--config", "full.yaml", "--ckpt_path", str(best), cwd=d)
-    leaked = [p for p in (d / "run").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    leaked = [
+        p for p in (d / "run").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()
+    ]
     assert not leaked, f"API key written to {leaked}"
     rows = [json.loads(line) for line in (d / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 200

@@ -38,7 +38,10 @@ def _config(d: Path, shared_data: Path, **data) -> Path:
     cfg["model"]["cache_dir"] = str(d / "cache")
     cfg["data"].update(dataset="sst2", data_dir=str(shared_data), batch_size=32, **data)
     cfg["trainer"].update(max_epochs=2, strategy="ddp", devices=2)
-    cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/quickstart", "name": "logs"}}
+    cfg["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": "runs/quickstart", "name": "logs"},
+    }
     cfg["trainer"]["callbacks"] = [
         c for c in cfg["trainer"]["callbacks"] if "EarlyStopping" not in c["class_path"]
     ]

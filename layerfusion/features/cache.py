@@ -161,7 +161,10 @@ class FeatureCache:
         """Write an entry atomically: fill an array in a temporary directory, checksum it, rename into place."""
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(path)
-        tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = (
+            path.parent
+            / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         tmp.mkdir()
         try:
             out = np.lib.format.open_memmap(
