@@ -11,7 +11,6 @@ Usage: ``python -m layerfusion.encoders.offline [--root DIR] [--no-pip] [names..
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import importlib.metadata
 import logging
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from layerfusion.errors import ModelNotFoundError
+from layerfusion.leftovers import remove_dead_leftovers
 
 __all__ = [
     "HF_FILES",
@@ -321,23 +321,8 @@ def _partial_prefix(target: Path) -> str:
 
 def _remove_stale_partials(target: Path) -> None:
     """Delete leftover build directories of killed runs (same host, dead pid)."""
-    prefix = _partial_prefix(target)
-    for leftover in target.parent.glob(f"{glob.escape(prefix)}*"):
-        pid_text = leftover.name[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            logger.info("removing stale partial build %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    for leftover in remove_dead_leftovers(target.parent, _partial_prefix(target)):
+        logger.info("removing stale partial build %s", leftover)
 
 
 def _hub_cache_dir() -> str:

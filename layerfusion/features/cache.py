@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -20,6 +19,7 @@ import torch
 
 from layerfusion.encoders.frozen import FrozenEncoder
 from layerfusion.errors import ConfigError
+from layerfusion.leftovers import remove_dead_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -283,22 +283,8 @@ def open_entry(path: Path) -> torch.Tensor:
 
 def _remove_leftovers(path: Path) -> None:
     """Delete temporary directories of `path` left by killed processes on this host."""
-    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = tmp.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            log.warning("removing partial feature cache entry left by a killed run: %s", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    for tmp in remove_dead_leftovers(path.parent, f".{path.name}.tmp-{socket.gethostname()}-"):
+        log.warning("removing partial feature cache entry left by a killed run: %s", tmp)
 
 
 def texts_fingerprint(texts: list[str]) -> str:
