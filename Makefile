@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= configs/quickstart.yaml
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models models-test fit test lint bench bench-quick clean
+.PHONY: install models models-test fit test lint bench bench-quick reproduce clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ bench: models
 # Tiny sizes, MiniLM only: keeps the benchmark code working (also run by `make test`)
 bench-quick: models-test
 	$(BIN)/python benchmarks/run.py --quick --threads 1 --out benchmarks/out/quick.json
+
+# The paper's table: 4 datasets x (baselines, selection, gated fusion, ablations) x 3 seeds
+# -> results/paper_table.{csv,md}; interrupted runs continue where they stopped.
+EXPERIMENTS ?= configs/experiments/sst2.yaml configs/experiments/mr.yaml configs/experiments/r8.yaml configs/experiments/r52.yaml
+reproduce: models
+	$(BIN)/python -m layerfusion reproduce $(EXPERIMENTS) --out results
 
 clean:
 	rm -rf runs lightning_logs wandb .pytest_cache

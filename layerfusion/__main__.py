@@ -1,4 +1,4 @@
-"""`python -m layerfusion` / `layerfusion`: `models`, `report`, or a LightningCLI subcommand (fit, validate, test, predict)."""
+"""`python -m layerfusion` / `layerfusion`: `models`, `report`, `reproduce`, or a LightningCLI subcommand (fit, validate, test, predict)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     from layerfusion.errors import LayerFusionError
 
     try:
+        if args[:1] == ["reproduce"]:
+            from layerfusion.reproduce import main as reproduce_main
+
+            sys.exit(reproduce_main(args[1:]))
         cli_main(argv)  # None: LightningCLI reads sys.argv itself
     except LayerFusionError as err:
         if os.environ.get("LAYERFUSION_DEBUG"):

@@ -44,7 +44,16 @@ def test_logger_presets(path: Path):
     _check_class_spec(yaml.safe_load(path.read_text()))
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted(
+    (REPO / "configs" / "experiments").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize(
+    "path",
+    RUN_CONFIGS,
+    ids=lambda p: f"{p.parent.name}-{p.stem}" if p.parent.name != "configs" else p.stem,
+)
 def test_run_configs(path: Path):
     cfg = yaml.safe_load(path.read_text())
     assert set(cfg["trainer"]) <= TRAINER_ARGS

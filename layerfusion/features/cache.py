@@ -151,14 +151,26 @@ class FeatureCache:
             for r, a in enumerate(arrays):
                 out[r :: len(arrays)] = a
 
-        self._write_entry(path, key, shape, fill)
+        # the parts were extracted in parallel: the slowest part is the extraction's wall time
+        part_seconds = max(read_manifest(p).get("build_seconds", 0.0) for p in parts)
+        self._write_entry(path, key, shape, fill, extra_seconds=part_seconds)
         for p in parts:
             shutil.rmtree(p, ignore_errors=True)
 
     def _write_entry(
-        self, path: Path, key: dict, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]
+        self,
+        path: Path,
+        key: dict,
+        shape: tuple[int, ...],
+        fill: Callable[[np.ndarray], None],
+        extra_seconds: float = 0.0,
     ) -> None:
-        """Write an entry atomically: fill an array in a temporary directory, checksum it, rename into place."""
+        """Write an entry atomically: fill an array in a temporary directory, checksum it, rename into place.
+
+        The manifest records `build_seconds` (the fill's wall time plus `extra_seconds`): what the entry
+        cost to compute, reported by `layerfusion reproduce` even when later runs read it from the cache.
+        """
+        start = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(path)
         tmp = (
@@ -179,6 +191,7 @@ class FeatureCache:
                 "dtype": self.dtype,
                 "rows": shape[0],
                 "sha256": file_sha256(tmp / "features.npy"),
+                "build_seconds": time.perf_counter() - start + extra_seconds,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             try:
@@ -271,6 +284,14 @@ def verify(path: Path, key: dict) -> str | None:
     if file_sha256(array_path) != manifest.get("sha256"):
         return "checksum mismatch (file changed or truncated)"
     return None
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the entry at `path` ({} when missing or unreadable)."""
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def open_entry(path: Path) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from layerfusion.errors import ConfigError
 
-HeadKind = Literal["gated", "single_layer", "last_layer", "mean_layers", "concat"]
+HeadKind = Literal["gated", "mix_concat", "single_layer", "last_layer", "mean_layers", "concat"]
 
 
 class FusionHead(nn.Module):
@@ -63,18 +63,34 @@ class GatedFusionHead(FusionHead):
         """The softmax weight of each selected layer, per encoder."""
         return {e: torch.softmax(self.mix[_safe(e)], 0).detach() for e in self.dims}
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        projected = []
+    def projected(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each encoder's layer mix, projected: `[B, E, hidden]`."""
+        out = []
         for e in self.dims:
             x = self.selected(features, e)
             w = torch.softmax(self.mix[_safe(e)], 0)
             mixed = torch.einsum("bkd,k->bd", x, w)
-            projected.append(F.gelu(self.proj[_safe(e)](self.dropout(mixed))))
-        stacked = torch.stack(projected, dim=1)  # [B, E, hidden]
+            out.append(F.gelu(self.proj[_safe(e)](self.dropout(mixed))))
+        return torch.stack(out, dim=1)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacked = self.projected(features)  # [B, E, hidden]
         gate = torch.softmax(self.gate(stacked.flatten(1)), dim=-1)  # [B, E]
         self.last_gate = gate.detach()
         fused = (gate.unsqueeze(-1) * stacked).sum(1)
         return self.classifier(self.dropout(fused))
+
+
+class MixConcatHead(GatedFusionHead):
+    """The gated head without its gate (ablation): per-encoder layer mix and projection, encoders concatenated."""
+
+    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(dims, layers, num_classes, hidden, dropout)
+        del self.gate
+        self.classifier = nn.Linear(hidden * len(self.dims), num_classes)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.dropout(self.projected(features).flatten(1)))
 
 
 class MeanLayersHead(FusionHead):
@@ -120,6 +136,7 @@ class ConcatHead(FusionHead):
 
 HEADS: dict[str, type[FusionHead]] = {
     "gated": GatedFusionHead,
+    "mix_concat": MixConcatHead,
     "single_layer": SingleLayerHead,
     "last_layer": LastLayerHead,
     "mean_layers": MeanLayersHead,
