@@ -143,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         per_run += r
     wall = time.perf_counter() - start
     write_csv(out / "paper_table.csv", table, COLUMNS)
-    write_csv(out / "paper_runs.csv", per_run, list(per_run[0]) if per_run else [])
-    (out / "paper_table.md").write_text(markdown(table, args, wall))
+    write_csv(
+        out / "paper_runs.csv", per_run, [k for k in per_run[0] if k != "reused"] if per_run else []
+    )
+    (out / "paper_table.md").write_text(markdown(table, per_run, args, wall))
     log.info("wrote %s, %s (%.0f s)", out / "paper_table.csv", out / "paper_table.md", wall)
     return 0
 
@@ -163,7 +165,7 @@ def reproduce_dataset(
     if not dataset:
         raise ConfigError(f"{path}: data.dataset is not set")
     name = Path(str(dataset)).name
-    selections, depth = importance(cfg, name, share, out, runs / name)
+    selections, depth, entries = importance(cfg, name, share, out, runs / name)
     keys = list(depth)
     table, per_run = [], []
     for row in rows:
@@ -175,6 +177,7 @@ def reproduce_dataset(
             ]
             per_run += [{"dataset": name, **r} for r in results]
             table.append(aggregate(name, row, encs, layers, results))
+            table[-1]["extract_s"] = sum(extraction_seconds(entries[k]) for k in encs)
             log.info(
                 "%s %s %s: test_acc %.4f ± %.4f",
                 name,
@@ -188,8 +191,9 @@ def reproduce_dataset(
 
 def importance(
     cfg: dict, name: str, share: float, out: Path, run_dir: Path
-) -> tuple[dict[str, dict[str, list[int]]], dict[str, int]]:
-    """Score the layers on train/dev (no head training); the selections and each encoder's depth."""
+) -> tuple[dict[str, dict[str, list[int]]], dict[str, int], dict[str, list[Path]]]:
+    """Score the layers on train/dev (no head training): the selections, each encoder's depth, and
+    each encoder's feature-cache entries of train/dev/test (the test entry is built by the first row)."""
     from layerfusion.callbacks import LayerImportance, LayerSelection
     from layerfusion.importance import ranked, scores_by_encoder, select_cumulative
 
@@ -230,10 +234,15 @@ def importance(
         "best": {k: [ranked(p)[0]] for k, p in probe.items()},
     }
     depth = {k: e.num_layers for k, e in model.encoders.items()}
+    dm.setup("test")
+    entries = {
+        k: [model.cache.entry_dir(model.cache.key(e, dm.texts(s), s)) for s in SPLITS]
+        for k, e in model.encoders.items()
+    }
     log.info("%s selections: %s", name, selections)
     del trainer, model, dm
     gc.collect()
-    return selections, depth
+    return selections, depth, entries
 
 
 def run_one(cfg: dict, row: Row, encs: list[str], layers: dict, seed: int, row_dir: Path) -> dict:
@@ -282,7 +291,7 @@ def run_one(cfg: dict, row: Row, encs: list[str], layers: dict, seed: int, row_d
         except ValueError:
             done = {}
         if done.get("settings") == settings:
-            return done
+            return {**done, "reused": True}
     gc.collect()
     reset_peak_memory()
     trainer, model, dm = instantiate(c)
@@ -301,7 +310,6 @@ def run_one(cfg: dict, row: Row, encs: list[str], layers: dict, seed: int, row_d
         "val_acc": float(ckpt.best_model_score),
         "epochs": trainer.current_epoch,
         "train_s": train_s,
-        "extract_s": extraction_seconds(model, dm),
         "peak_mem_mb": peak_memory_mb(),
         "device": str(trainer.strategy.root_device),
         "torch_threads": torch.get_num_threads(),
@@ -312,20 +320,14 @@ def run_one(cfg: dict, row: Row, encs: list[str], layers: dict, seed: int, row_d
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(result_path)
     del trainer, model, dm
-    return result
+    return {**result, "reused": False}
 
 
-def extraction_seconds(model, dm) -> float:
-    """Cold extraction time of the model's encoders over train/dev/test, from the cache manifests."""
+def extraction_seconds(entries: list[Path]) -> float:
+    """Cold extraction time recorded in the manifests of these cache entries (NaN when one lacks it)."""
     from layerfusion.features.cache import read_manifest
 
-    total = 0.0
-    for split in SPLITS:
-        texts = dm.texts(split)
-        for encoder in model.encoders.values():
-            entry = model.cache.entry_dir(model.cache.key(encoder, texts, split))
-            total += read_manifest(entry).get("build_seconds", math.nan)
-    return total
+    return sum(read_manifest(e).get("build_seconds", math.nan) for e in entries)
 
 
 def instantiate(cfg: dict):
@@ -365,7 +367,6 @@ def aggregate(name: str, row: Row, encs: list[str], layers: dict, results: list[
         "test_f1_mean": statistics.fmean(r["test_f1"] for r in results),
         "val_acc_mean": statistics.fmean(r["val_acc"] for r in results),
         "seeds": len(results),
-        "extract_s": results[0]["extract_s"],
         "train_s": statistics.fmean(r["train_s"] for r in results),
         "peak_mem_mb": max(r["peak_mem_mb"] for r in results),
     }
@@ -395,16 +396,18 @@ def gains(table: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def markdown(table: list[dict], args, wall: float) -> str:
+def markdown(table: list[dict], per_run: list[dict], args, wall: float) -> str:
     import torch
 
+    reused, total = sum(bool(r.get("reused")) for r in per_run), len(per_run)
     lines = [
         "# layerfusion reproduction: " + ", ".join(dict.fromkeys(r["dataset"] for r in table)),
         "",
         f"Command: `layerfusion reproduce {' '.join(args.configs)} --seeds {' '.join(map(str, args.seeds))}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {_cpus()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; Python {sys.version.split()[0]}.  ",
-        f"Wall time: {wall / 60:.1f} min (results reused from earlier runs count as 0).",
+        f"Wall time of this invocation: {wall / 60:.1f} min; {reused} of {total} head runs were "
+        "reused from an earlier invocation (same settings).",
         "",
         "Accuracy in %, mean ± std over seeds (test split; layers chosen on train/dev). extract_s: cold "
         "feature extraction of the row's encoders (train+dev+test); train_s: head training per seed; "

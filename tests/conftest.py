@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,22 @@ def sst2_slice(tmp_path, shared_data) -> Path:
         )
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`python -m layerfusion ...` in a subprocess with the hub offline and `env` added."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "layerfusion", *args],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"layerfusion {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return proc

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 import yaml
@@ -20,26 +19,9 @@ SECRET = "sk-layerfusion-test-secret-0123456789"  # a fake key in the environmen
 
 
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_API_KEY": SECRET,
-        "HF_TOKEN": SECRET,
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "layerfusion", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"layerfusion {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return proc
+    """The CLI with W&B offline and fake secrets in the environment (which must never be written)."""
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET}
+    return conftest.run_cli(*args, cwd=cwd, env=env, check=check)
 
 
 def _metrics(csv_dir: Path) -> dict[str, float]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
 from conftest import MINILM, REPO
@@ -17,19 +16,25 @@ TESTS = Path(__file__).parent
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m layerfusion ...` in a subprocess: Lightning's `ddp` relaunches that command per rank."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "layerfusion", *args],
+    """The CLI in a subprocess (Lightning's `ddp` relaunches that command per rank), with the
+    test-only `ddp_probe` callback importable."""
+    return conftest.run_cli(*args, cwd=cwd, env={"PYTHONPATH": str(TESTS)})
+
+
+def _one_process(stage: str, cfg: Path, ckpt: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`stage` of the same checkpoint in a single process, for comparison with the DDP figure."""
+    return run_cli(
+        stage,
+        "--config",
+        str(cfg),
+        "--trainer.devices",
+        "1",
+        "--trainer.strategy",
+        "auto",
+        "--ckpt_path",
+        ckpt,
         cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    if proc.returncode != 0:
-        raise AssertionError(f"layerfusion {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def _config(d: Path, shared_data: Path, **data) -> Path:
@@ -85,32 +90,10 @@ def test_ddp_fit_shards_rows_and_extraction_and_syncs_everything(tmp_path, share
 
     # the DDP val metric covers the whole dev slice: a 1-process validate of the same weights agrees
     last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    one = run_cli(
-        "validate",
-        "--config",
-        str(cfg),
-        "--trainer.devices",
-        "1",
-        "--trainer.strategy",
-        "auto",
-        "--ckpt_path",
-        last,
-        cwd=tmp_path,
-    )
+    one = _one_process("validate", cfg, last, tmp_path)
     assert _printed(one.stdout, "val_acc") == pytest.approx(rank0["val_acc"], abs=1e-6)
     two = run_cli("test", "--config", str(cfg), "--ckpt_path", last, cwd=tmp_path)
-    one = run_cli(
-        "test",
-        "--config",
-        str(cfg),
-        "--trainer.devices",
-        "1",
-        "--trainer.strategy",
-        "auto",
-        "--ckpt_path",
-        last,
-        cwd=tmp_path,
-    )
+    one = _one_process("test", cfg, last, tmp_path)
     assert _printed(two.stdout, "test_acc") == pytest.approx(
         _printed(one.stdout, "test_acc"), abs=1e-6
     )
