@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results", help="where the tables go")
     parser.add_argument("--runs", default="runs/reproduce", help="per-run logs and checkpoints")
     parser.add_argument("--methods", nargs="*", help="only these methods (default: all)")
+    parser.add_argument(
+        "--logger",
+        choices=["csv", "wandb"],
+        default="csv",
+        help="per-run logger: CSV files, or W&B (project layerfusion-reproduce, group = dataset; "
+        "offline unless WANDB_MODE=online)",
+    )
     args = parser.parse_args(argv)
     from layerfusion.cli import _log_to_stderr
 
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     out, runs = Path(args.out), Path(args.runs)
     table, per_run = [], []
     for path in args.configs:
-        t, r = reproduce_dataset(Path(path), rows, args.seeds, args.share, out, runs)
+        t, r = reproduce_dataset(Path(path), rows, args.seeds, args.share, out, runs, args.logger)
         table += t
         per_run += r
     wall = time.perf_counter() - start
@@ -155,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def reproduce_dataset(
-    path: Path, rows: list[Row], seeds: list[int], share: float, out: Path, runs: Path
+    path: Path,
+    rows: list[Row],
+    seeds: list[int],
+    share: float,
+    out: Path,
+    runs: Path,
+    logger: str = "csv",
 ) -> tuple[list[dict], list[dict]]:
     """All rows of one experiment config: (aggregated rows, per-seed results)."""
     if not path.is_file():
@@ -172,7 +185,7 @@ def reproduce_dataset(
         for encs in [[k] for k in keys] if row.encoders == "*" else [keys]:
             layers = _layers(row, encs, selections, depth)
             results = [
-                run_one(cfg, row, encs, layers, seed, runs / name / _row_id(row, encs))
+                run_one(cfg, row, encs, layers, seed, runs / name / _row_id(row, encs), logger)
                 for seed in seeds
             ]
             per_run += [{"dataset": name, **r} for r in results]
@@ -245,7 +258,15 @@ def importance(
     return selections, depth, entries
 
 
-def run_one(cfg: dict, row: Row, encs: list[str], layers: dict, seed: int, row_dir: Path) -> dict:
+def run_one(
+    cfg: dict,
+    row: Row,
+    encs: list[str],
+    layers: dict,
+    seed: int,
+    row_dir: Path,
+    logger: str = "csv",
+) -> dict:
     """Train and test one head; reuse `result.json` when it was made with the same settings."""
     import torch
 
@@ -278,10 +299,7 @@ def run_one(cfg: dict, row: Row, encs: list[str], layers: dict, seed: int, row_d
         default_root_dir=str(run_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
-        logger={
-            "class_path": "lightning.pytorch.loggers.CSVLogger",
-            "init_args": {"save_dir": str(row_dir), "name": "", "version": f"seed{seed}"},
-        },
+        logger=_logger(logger, row_dir, seed),
     )
     settings = hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()
     result_path = run_dir / "result.json"
@@ -300,6 +318,9 @@ def run_one(cfg: dict, row: Row, encs: list[str], layers: dict, seed: int, row_d
     train_s = time.perf_counter() - start - sum(model.extract_seconds.values())
     ckpt = trainer.checkpoint_callback
     metrics = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)[0]
+    for lg in trainer.loggers:  # close each W&B run: the next WandbLogger would reuse an open one
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish()
     result = {
         "method": row.method,
         "encoders": "+".join(encs),
@@ -482,6 +503,28 @@ def _layers(row: Row, encs: list[str], selections: dict, depth: dict[str, int]) 
     if row.layers == "last":
         return {k: [depth[k] - 1] for k in encs}
     return {k: selections[row.layers][k] for k in encs}
+
+
+def _logger(kind: str, row_dir: Path, seed: int) -> dict:
+    """The run's logger: CSV in `<row_dir>/seed<k>/`, or a W&B run grouped by dataset."""
+    if kind == "wandb":
+        import os
+
+        return {
+            "class_path": "lightning.pytorch.loggers.WandbLogger",
+            "init_args": {
+                "project": "layerfusion-reproduce",
+                "group": row_dir.parent.name,
+                "name": f"{row_dir.name}-seed{seed}",
+                "save_dir": str(row_dir / f"seed{seed}"),
+                "offline": os.environ.get("WANDB_MODE") != "online",
+                "log_model": False,
+            },
+        }
+    return {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(row_dir), "name": "", "version": f"seed{seed}"},
+    }
 
 
 def _fmt_layers(layers: dict | None) -> str:

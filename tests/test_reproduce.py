@@ -133,3 +133,25 @@ def test_bad_arguments_are_named(tmp_path):
         main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match=r"unknown methods \['nope'\]"):
         main([str(tmp_path / "x.yaml"), "--methods", "nope"])
+
+
+def test_runs_can_be_tracked_in_wandb(reproduced, monkeypatch):
+    """`--logger wandb`: each run is its own offline W&B run (grouped by dataset) with its test figures."""
+    from wandb_records import read_run
+
+    tmp, args = reproduced
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    runs = tmp / "wandb_runs"
+    main(
+        [args[0], "--seeds", "0", "1", "--methods", "gated", "--logger", "wandb"]
+        + ["--out", str(tmp / "wandb_results"), "--runs", str(runs)]
+    )
+    for seed in (0, 1):
+        run_dir = runs / "sst2" / "gated" / f"seed{seed}"
+        result = json.loads((run_dir / "result.json").read_text())
+        offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, offline
+        record = read_run(offline[0])
+        assert record["history"]["test_acc"] == [pytest.approx(result["test_acc"], abs=1e-6)]
+        assert "val_acc" in record["history"]
+        assert record["config"]["head"] == "gated"
