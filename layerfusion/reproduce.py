@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.methods or []) - known
     if unknown:
         raise ConfigError(f"unknown methods {sorted(unknown)}; choose from {sorted(known)}")
+    missing = [p for p in args.configs if not Path(p).is_file()]
+    if missing:  # before any training: a typo in the last config must not surface an hour later
+        raise ConfigError(f"experiment config {', '.join(missing)} does not exist")
     rows = [r for r in ROWS if not args.methods or r.method in args.methods]
     out, runs = Path(args.out), Path(args.runs)
     table, per_run = [], []

@@ -128,9 +128,13 @@ def test_rerun_reuses_finished_runs_and_redoes_damaged_ones(reproduced):
         assert r["test_acc_mean"] == old[r["method"], r["encoders"]]["test_acc_mean"]
 
 
-def test_bad_arguments_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        main([str(tmp_path / "nope.yaml"), "--out", str(tmp_path)])
+def test_bad_arguments_are_named(reproduced, tmp_path):
+    _, args = reproduced  # a valid (small) config first: the missing one is reported before any run
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        main(
+            [args[0], str(tmp_path / "nope.yaml"), "--out", str(tmp_path), "--runs", str(tmp_path)]
+        )
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
     with pytest.raises(ConfigError, match=r"unknown methods \['nope'\]"):
         main([str(tmp_path / "x.yaml"), "--methods", "nope"])
 
