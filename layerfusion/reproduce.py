@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from layerfusion.errors import ConfigError
+from layerfusion.tracking import write_csv, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         table += t
         per_run += r
     wall = time.perf_counter() - start
-    write_csv(out / "paper_table.csv", table, COLUMNS)
+    write_csv(out / "paper_table.csv", _rounded(table, COLUMNS))
     write_csv(
-        out / "paper_runs.csv", per_run, [k for k in per_run[0] if k != "reused"] if per_run else []
+        out / "paper_runs.csv",
+        _rounded(per_run, [k for k in per_run[0] if k != "reused"] if per_run else []),
     )
-    (out / "paper_table.md").write_text(markdown(table, per_run, args, wall))
+    write_text(out / "paper_table.md", markdown(table, per_run, args, wall))
     log.info("wrote %s, %s (%.0f s)", out / "paper_table.csv", out / "paper_table.md", wall)
     return 0
 
@@ -192,8 +194,8 @@ def reproduce_dataset(
                 for seed in seeds
             ]
             per_run += [{"dataset": name, **r} for r in results]
-            table.append(aggregate(name, row, encs, layers, results))
-            table[-1]["extract_s"] = sum(extraction_seconds(entries[k]) for k in encs)
+            extract_s = sum(extraction_seconds(entries[k]) for k in encs)
+            table.append(aggregate(name, row, encs, layers, results, extract_s))
             log.info(
                 "%s %s %s: test_acc %.4f ± %.4f",
                 name,
@@ -272,6 +274,7 @@ def run_one(
 ) -> dict:
     """Train and test one head; reuse `result.json` when it was made with the same settings."""
     import torch
+    from lightning.pytorch.loggers import WandbLogger
 
     from layerfusion.callbacks.resource_monitor import peak_memory_mb, reset_peak_memory
 
@@ -322,7 +325,7 @@ def run_one(
     ckpt = trainer.checkpoint_callback
     metrics = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)[0]
     for lg in trainer.loggers:  # close each W&B run: the next WandbLogger would reuse an open one
-        if type(lg).__name__ == "WandbLogger":
+        if isinstance(lg, WandbLogger):
             lg.experiment.finish()
     result = {
         "method": row.method,
@@ -339,10 +342,7 @@ def run_one(
         "torch_threads": torch.get_num_threads(),
         "settings": settings,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(result_path)
+    write_json(result_path, result)
     del trainer, model, dm
     return {**result, "reused": False}
 
@@ -378,7 +378,9 @@ def instantiate(cfg: dict):
 # -- aggregation and output ----------------------------------------------------------------------
 
 
-def aggregate(name: str, row: Row, encs: list[str], layers: dict, results: list[dict]) -> dict:
+def aggregate(
+    name: str, row: Row, encs: list[str], layers: dict, results: list[dict], extract_s: float
+) -> dict:
     acc = [r["test_acc"] for r in results]
     return {
         "dataset": name,
@@ -391,6 +393,7 @@ def aggregate(name: str, row: Row, encs: list[str], layers: dict, results: list[
         "test_f1_mean": statistics.fmean(r["test_f1"] for r in results),
         "val_acc_mean": statistics.fmean(r["val_acc"] for r in results),
         "seeds": len(results),
+        "extract_s": extract_s,
         "train_s": statistics.fmean(r["train_s"] for r in results),
         "peak_mem_mb": max(r["peak_mem_mb"] for r in results),
     }
@@ -484,17 +487,9 @@ def markdown(table: list[dict], per_run: list[dict], args, wall: float) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()})
-    tmp.replace(path)
+def _rounded(rows: list[dict], columns: list[str]) -> list[dict]:
+    """`rows` restricted to `columns`, floats rounded to 6 decimals (for the CSV files)."""
+    return [{c: round(r[c], 6) if isinstance(r[c], float) else r[c] for c in columns} for r in rows]
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def log_table(trainer: L.Trainer, key: str, rows: list[dict]) -> None:
 
 def write_json(path: Path, obj) -> Path:
     """Write JSON atomically (temporary file, then rename)."""
-    return _atomic(path, json.dumps(obj, indent=1, default=float))
+    return write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -56,10 +56,11 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
     writer.writeheader()
     writer.writerows(rows)
-    return _atomic(path, buf.getvalue())
+    return write_text(path, buf.getvalue())
 
 
-def _atomic(path: Path, text: str) -> Path:
+def write_text(path: Path, text: str) -> Path:
+    """Write text atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
