@@ -96,6 +96,7 @@ def worker(args: dict) -> dict:
     import torch
 
     from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+    from layerfusion.memory import proc_status_bytes, reset_peak_rss
 
     torch.set_num_threads(args["threads"])
     device = args["device"]
@@ -119,7 +120,7 @@ def worker(args: dict) -> dict:
     else:
         base = current_rss()
         loaded_peak = _maxrss()
-        reset = _reset_peak()
+        reset = reset_peak_rss()
     pooled = forward_variant(encoder, args["variant"], ids, mask)
     if cuda:
         torch.cuda.synchronize()
@@ -131,7 +132,7 @@ def worker(args: dict) -> dict:
             "measure": "ru_maxrss",
             "peak_reset_after_load": reset,
             "load_peak_bytes": loaded_peak,
-            "vm_hwm_bytes": _status_bytes("VmHWM"),
+            "vm_hwm_bytes": proc_status_bytes("VmHWM"),
         }
     return {
         "variant": args["variant"],
@@ -170,27 +171,6 @@ def current_rss() -> int:
 def _maxrss() -> int:
     """`ru_maxrss` in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS to the current RSS (Linux `clear_refs` 5), so loading does not count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _malloc_trim() -> None:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from layerfusion.memory import proc_status_bytes, reset_peak_rss
 from layerfusion.tracking import log_metrics, run_dir, write_json
 
 
@@ -107,13 +108,9 @@ def peak_memory_mb() -> float:
     """Peak CUDA memory allocated (GPU) or peak RSS of this process (CPU), in MB."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
-    try:  # Linux: VmHWM honours a reset by `reset_peak_memory` (ru_maxrss does not)
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except OSError:
-        pass
+    hwm = proc_status_bytes("VmHWM")  # Linux: honours a reset by `reset_peak_memory`
+    if hwm is not None:
+        return hwm / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
@@ -122,11 +119,7 @@ def reset_peak_memory() -> None:
     """Start a new peak: CUDA peak stats, and on Linux the process's peak RSS (`/proc/self/clear_refs`)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:  # not Linux: the peak stays the process's lifetime peak
-        pass
+    reset_peak_rss()  # not Linux: the peak stays the process's lifetime peak
 
 
 def _read(path) -> dict:
