@@ -31,23 +31,33 @@ def test_every_head_gives_logits_and_trains_every_parameter(kind):
 
 def test_gated_head_mixes_layers_and_gates_per_example():
     head = GatedFusionHead(DIMS, {"small": [1, 3], "big": [0, 2, 5]}, num_classes=2, hidden=12)
-    head(_features())
+    head.eval()(_features())
     assert head.last_gate.shape == (5, 2)
     torch.testing.assert_close(head.last_gate.sum(-1), torch.ones(5))
+    # a gate per example, not one per batch: examples get different gates...
+    assert (head.last_gate - head.last_gate[0]).abs().amax(0).min() > 1e-4
+    # ...and an example's gate depends on that example only
+    first = head.last_gate[0].clone()
+    head({e: x[:1] for e, x in _features().items()})
+    torch.testing.assert_close(head.last_gate[0], first)
     weights = head.layer_weights()
     assert [len(weights["small"]), len(weights["big"])] == [2, 3]
     torch.testing.assert_close(weights["big"].sum(), torch.tensor(1.0))
 
 
-def test_head_reads_only_its_selected_layers():
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_head_reads_only_its_selected_layers(kind):
     head = build_head(
-        "mean_layers", DIMS, NUM_LAYERS, {"small": [1], "big": [2]}, num_classes=2, hidden=12
+        kind, DIMS, NUM_LAYERS, {"small": [1], "big": [2]}, num_classes=2, hidden=12
     ).eval()
+    read = head.layers["small"][0]  # 1, or the last layer (3) for `last_layer`
+    assert read == (3 if kind == "last_layer" else 1)
     feats = _features()
     before = head(feats)
-    feats["small"][:, 0] += 100.0 * torch.randn_like(feats["small"][:, 0])  # an unselected layer
+    for unread in set(range(NUM_LAYERS["small"])) - {read}:  # every unselected layer
+        feats["small"][:, unread] += 100.0 * torch.randn_like(feats["small"][:, unread])
     torch.testing.assert_close(head(feats), before)
-    feats["small"][:, 1] += torch.randn_like(feats["small"][:, 1])  # the selected one
+    feats["small"][:, read] += torch.randn_like(feats["small"][:, read])  # the selected one
     assert not torch.allclose(head(feats), before)
 
 
