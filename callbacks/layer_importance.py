@@ -187,13 +187,13 @@ class LayerImportance(Callback):
             torch.tensor(dm.label_ids("val"), dtype=torch.long, device=device),
         )
         num_classes = len(pl_module.label_names)
+        # z-score each (layer, dim) with train statistics; out of place: `.to` may return the module's
+        # own cached features (float32 cache on the CPU), which validation reads afterwards
         train = {e: x[rows].to(device, torch.float32) for e, x in feats["train"].items()}
-        dev = {e: x.to(device, torch.float32) for e, x in feats["val"].items()}
         mean = {e: x.mean(0, keepdim=True) for e, x in train.items()}
         std = {e: x.std(0, keepdim=True).clamp_min(1e-6) for e, x in train.items()}
-        for e in train:  # z-score each (layer, dim) with train statistics, in place
-            train[e].sub_(mean[e]).div_(std[e])
-            dev[e].sub_(mean[e]).div_(std[e])
+        train = {e: (x - mean[e]) / std[e] for e, x in train.items()}
+        dev = {e: (x.to(device, torch.float32) - mean[e]) / std[e] for e, x in feats["val"].items()}
         rank, world = trainer.global_rank, trainer.world_size
 
         start = time.perf_counter()

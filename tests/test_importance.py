@@ -30,6 +30,7 @@ from layerfusion.importance import (
     minmax,
     probe_accuracy,
     read_table,
+    scores_by_encoder,
     select_cumulative,
     select_fixed,
     select_top_k,
@@ -252,7 +253,7 @@ def test_importance_table_selection_and_checkpoint_round_trip(
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", filename="best", monitor="val_acc", mode="max"
     )
-    trainer, model, _ = _fit(
+    trainer, model, dm = _fit(
         tmp_path, tiny_models, sst2_slice, cache, [selection, importance, ckpt]
     )
 
@@ -270,17 +271,38 @@ def test_importance_table_selection_and_checkpoint_round_trip(
     }
     assert {e: [r.layer for r in rs] for e, rs in best.items()} == chosen
 
+    # scoring left the module's validation features alone (float32 cache on the CPU: `.to` is a no-op,
+    # so an in-place z-scoring would have edited them): validating the best checkpoint afresh gives
+    # exactly the val_loss and val_acc that fit saw
+    fit_metrics = {k: trainer.callback_metrics[k].item() for k in ("val_loss", "val_acc")}
+    dm_v, fresh_v = _build(tiny_models, sst2_slice, cache)
+    again = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    again = again.validate(fresh_v, dm_v, ckpt_path=ckpt.best_model_path, verbose=False)[0]
+    assert again["val_acc"] == fit_metrics["val_acc"] == ckpt.best_model_score.item()
+    assert again["val_loss"] == pytest.approx(fit_metrics["val_loss"], rel=1e-6)
+
     # the table: every (encoder, layer), layer 0 without entropy, written to the run dir, `selected` set
     table = read_table(tmp_path / "run" / "importance.csv")
     assert [(r.encoder, r.layer) for r in table] == [
         (e, i) for e in ("bert", "gpt2") for i in range(3)
     ]
     assert all(math.isnan(r.attention_entropy) == (r.layer == 0) for r in table)
-    assert all(
-        r.attention_entropy > 0 and r.grad_norm > 0 and 0 <= r.probe_acc <= 1
-        for r in table
-        if r.layer
-    )
+    assert all(r.attention_entropy > 0 and r.grad_norm > 0 for r in table if r.layer)
+    # probe_acc is a real dev accuracy: a count out of the 80 dev rows, equal (to one row: L-BFGS on
+    # re-standardised inputs) to a probe fitted here on the cached features of that layer
+    assert all(round(r.probe_acc * 80) == pytest.approx(r.probe_acc * 80, abs=1e-4) for r in table)
+    key = model.encoders["bert"]
+    feats = {s: model.cache.load_or_build(key, dm.texts(s), s) for s in ("train", "val")}
+    for layer in range(3):
+        direct = probe_accuracy(
+            feats["train"][:, layer].float(),
+            torch.tensor(dm.label_ids("train")),
+            feats["val"][:, layer].float(),
+            torch.tensor(dm.label_ids("val")),
+            num_classes=2,
+            max_iter=30,
+        )
+        assert table[layer].probe_acc == pytest.approx(direct, abs=1.01 / 80)
     assert {
         e: [r.layer for r in table if r.encoder == e and r.selected] for e in ("bert", "gpt2")
     } == chosen
@@ -305,7 +327,10 @@ def test_importance_table_selection_and_checkpoint_round_trip(
         enable_model_summary=False,
     )
     result = tester.test(fresh, dm2, ckpt_path=ckpt.best_model_path, verbose=False)[0]
-    assert fresh.selection == chosen and 0 <= result["test_acc"] <= 1
+    assert fresh.selection == chosen
+    # the restored head is the trained one (one epoch: the best checkpoint is the final state)
+    reference = tester.test(model, dm2, verbose=False)[0]
+    assert result == pytest.approx(reference, rel=1e-6)
     # a plain state dict also names its layers: loading it rebuilds the head (ddp_spawn hands weights back so)
     plain = LayerFusionModule(
         _specs(tiny_models),
@@ -369,6 +394,8 @@ def test_callback_order_does_not_matter_and_fixed_needs_no_scores(
             limit_train_batches=1,
             limit_val_batches=1,
         )
+        # the head trains on the top 2 of the table the importance callback holds
+        assert model.selection == select_top_k(scores_by_encoder(cbs[0].table), 2)
         selections.append(model.selection)
     assert selections[0] == selections[1]
 
@@ -441,6 +468,6 @@ def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(
     run(1, "auto", tmp_path / "single")  # the reduced scores equal a single-process run's
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     assert single["selection"] == rank0["selection"]
-    for a, b in zip(single["table"], rank0["table"]):
+    for a, b in zip(single["table"], rank0["table"], strict=True):
         assert a[:2] == b[:2]
         assert a[2:] == pytest.approx(b[2:], rel=1e-4, abs=1e-6, nan_ok=True)
