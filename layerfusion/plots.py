@@ -1,4 +1,4 @@
-"""PNG figures for a run: layer-importance heatmap, confusion matrix, gate weights, results bars."""
+"""PNG figures for a run: layer-importance heatmap, confusion matrix, gate weights, results bars, CKA."""
 
 from __future__ import annotations
 
@@ -33,6 +33,25 @@ def importance_heatmap(rows: list[dict], path: str | Path, value: str = "score")
     ax.set_yticks(range(len(encoders)), encoders)
     ax.set_xlabel("layer (0 = embeddings); red box = selected")
     ax.set_title(f"layer importance: {value}")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def matrix_heatmap(
+    matrix: np.ndarray,
+    labels: list[str],
+    path: str | Path,
+    title: str,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Path:
+    """A square labelled heatmap (e.g. CKA between layers)."""
+    size = max(5, 0.3 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(np.asarray(matrix, dtype=float), cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_title(title)
     fig.colorbar(im, ax=ax)
     return _save(fig, path)
 

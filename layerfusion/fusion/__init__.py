@@ -3,9 +3,12 @@
 from layerfusion.fusion.heads import (
     HEADS,
     ConcatHead,
+    EncoderDropoutGatedHead,
     GatedFusionHead,
     LastLayerHead,
+    LinearHead,
     MeanLayersHead,
+    MixConcatHead,
     SingleLayerHead,
     build_head,
 )
@@ -13,9 +16,12 @@ from layerfusion.fusion.heads import (
 __all__ = [
     "HEADS",
     "ConcatHead",
+    "EncoderDropoutGatedHead",
     "GatedFusionHead",
     "LastLayerHead",
+    "LinearHead",
     "MeanLayersHead",
+    "MixConcatHead",
     "SingleLayerHead",
     "build_head",
 ]

@@ -14,7 +14,16 @@ from torch import nn
 
 from layerfusion.errors import ConfigError
 
-HeadKind = Literal["gated", "mix_concat", "single_layer", "last_layer", "mean_layers", "concat"]
+HeadKind = Literal[
+    "gated",
+    "gated_encoder_dropout",
+    "mix_concat",
+    "single_layer",
+    "last_layer",
+    "mean_layers",
+    "concat",
+    "linear",
+]
 
 
 class FusionHead(nn.Module):
@@ -45,10 +54,27 @@ class FusionHead(nn.Module):
 
 
 class GatedFusionHead(FusionHead):
-    """Per encoder a softmax mix of its layers, a projection to `hidden`, a per-example gate over encoders."""
+    """Per encoder a softmax mix of its layers, a projection to `hidden`, a per-example gate over encoders.
 
-    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+    `encoder_dropout`: during training, the probability that an example loses one encoder (chosen
+    uniformly): its projected vector is zeroed and the gate renormalises over the others, so no
+    branch can be ignored by a winner-take-all gate. Masked, not skipped: every parameter stays in
+    every step's graph (DDP `find_unused_parameters=False`).
+    """
+
+    def __init__(
+        self,
+        dims,
+        layers,
+        num_classes,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        encoder_dropout: float = 0.0,
+    ) -> None:
         super().__init__(dims, layers, num_classes)
+        if not 0.0 <= encoder_dropout < 1.0:
+            raise ConfigError(f"encoder_dropout must be in [0, 1), got {encoder_dropout}")
+        self.encoder_dropout = encoder_dropout
         names = list(dims)
         self.mix = nn.ParameterDict(
             {_safe(e): nn.Parameter(torch.zeros(len(self.layers[e]))) for e in names}
@@ -75,10 +101,30 @@ class GatedFusionHead(FusionHead):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         stacked = self.projected(features)  # [B, E, hidden]
-        gate = torch.softmax(self.gate(stacked.flatten(1)), dim=-1)  # [B, E]
+        keep = self.encoder_mask(stacked)
+        logits = self.gate((stacked * keep.unsqueeze(-1)).flatten(1))
+        gate = torch.softmax(logits.masked_fill(keep == 0, float("-inf")), dim=-1)  # [B, E]
         self.last_gate = gate.detach()
+        stacked = stacked * keep.unsqueeze(-1)
         fused = (gate.unsqueeze(-1) * stacked).sum(1)
         return self.classifier(self.dropout(fused))
+
+    def encoder_mask(self, stacked: torch.Tensor) -> torch.Tensor:
+        """`[B, E]` ones, with one encoder zeroed per example with probability `encoder_dropout` (training)."""
+        b, e = stacked.shape[:2]
+        keep = torch.ones(b, e, device=stacked.device, dtype=stacked.dtype)
+        if self.training and self.encoder_dropout > 0 and e > 1:
+            drop = torch.rand(b, device=stacked.device) < self.encoder_dropout
+            which = torch.randint(0, e, (b,), device=stacked.device)
+            keep[drop, which[drop]] = 0
+        return keep
+
+
+class EncoderDropoutGatedHead(GatedFusionHead):
+    """The gated head with encoder dropout 0.5 (ablation: does the gate starve the weaker encoder?)."""
+
+    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(dims, layers, num_classes, hidden, dropout, encoder_dropout=0.5)
 
 
 class MixConcatHead(GatedFusionHead):
@@ -134,8 +180,65 @@ class ConcatHead(FusionHead):
         )
 
 
+class LinearHead(FusionHead):
+    """A linear classifier (no hidden layer) on the selected layers, layer-normalised and concatenated.
+
+    `fit` trains it to convergence (full-batch L-BFGS, L2 on the weights): the logistic-regression
+    probe of SentEval. Through `layerfusion fit` it trains like any head (AdamW, `model.weight_decay`).
+    """
+
+    def __init__(self, dims, layers, num_classes, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__(dims, layers, num_classes)
+        width = sum(dims[e] * len(self.layers[e]) for e in dims)
+        self.linear = nn.Linear(width, num_classes)
+
+    def inputs(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The classifier's input `[B, width]`."""
+        return torch.cat([self.selected(features, e).flatten(1) for e in self.dims], dim=-1)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(self.inputs(features))
+
+    def fit(
+        self,
+        features: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        l2: float,
+        max_iter: int = 1000,
+        tol: float = 1e-6,
+    ) -> int:
+        """Minimise mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised) from zero weights with
+        full-batch L-BFGS; returns the iterations used. Same objective as scikit-learn's
+        `LogisticRegression(C=1 / (l2 * N))`."""
+        x = self.inputs(features).detach()
+        y = torch.as_tensor(labels, dtype=torch.long, device=x.device)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        opt = torch.optim.LBFGS(
+            self.linear.parameters(),
+            lr=1,
+            max_iter=max_iter,
+            tolerance_grad=tol,
+            tolerance_change=1e-12,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(self.linear(x), y) + 0.5 * l2 * self.linear.weight.square().sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return int(opt.state[opt._params[0]].get("n_iter", 0))
+
+
 HEADS: dict[str, type[FusionHead]] = {
     "gated": GatedFusionHead,
+    "gated_encoder_dropout": EncoderDropoutGatedHead,
+    "linear": LinearHead,
     "mix_concat": MixConcatHead,
     "single_layer": SingleLayerHead,
     "last_layer": LastLayerHead,
