@@ -1,4 +1,4 @@
-"""`python -m layerfusion` / `layerfusion`: `models`, `report`, `reproduce`, `classify`, or a LightningCLI
+"""`python -m layerfusion` / `layerfusion`: `models`, `report`, `reproduce`, `analyze`, `classify`, or a LightningCLI
 subcommand (fit, validate, test, predict)."""
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
             from layerfusion.reproduce import main as reproduce_main
 
             sys.exit(reproduce_main(args[1:]))
+        if command == "analyze":
+            from layerfusion.analysis import main as analyze_main
+
+            sys.exit(analyze_main(args[1:]))
         if command == "classify":
             from layerfusion.classifier import main as classify_main
 
