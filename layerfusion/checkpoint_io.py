@@ -12,7 +12,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` with atomic saves (temporary file, fsync, rename: a killed run leaves the
-    previous checkpoint intact) and `weights_only=True` loads (plain tensors and containers only).
+    previous checkpoint intact) and `weights_only=True` loads (plain tensors and containers only) of layerfusion checkpoints only.
 
     Use in a config: `trainer.plugins: [{class_path: layerfusion.checkpoint_io.SafeCheckpointIO}]`.
     """
@@ -39,6 +39,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} not found")
-        return torch.load(path, map_location=map_location, weights_only=True)
+        """The checkpoint at `path`, on the CPU; a missing file, another file type or another program's
+        checkpoint raises `CheckpointError` naming the file and what is wrong."""
+        from layerfusion.classifier import read_checkpoint
+
+        return read_checkpoint(path)

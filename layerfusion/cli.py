@@ -4,21 +4,71 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import warnings
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from layerfusion.data.datamodule import TextClassificationDataModule
+from layerfusion.encoders.offline import no_loading_bars
+from layerfusion.errors import ConfigError
 from layerfusion.module import LayerFusionModule
+
+# `--ckpt_path` values Lightning resolves itself (not file names)
+SPECIAL_CKPT_PATHS = ("best", "last", "hpc")
 
 
 class LayerFusionCLI(LightningCLI):
     """The Lightning CLI with the data and the model linked: encoders and feature mode flow to the
-    data (one tokenizer per encoder), the label set flows from the data to the model."""
+    data (one tokenizer per encoder), the label set flows from the data to the model. The console
+    shows progress and real warnings, not the noise listed in `quiet_console`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        quiet_console()
+        kwargs.setdefault("parser_class", LayerFusionArgumentParser)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.encoders", "data.encoders", apply_on="parse")
         parser.link_arguments("model.features", "data.features", apply_on="parse")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Check `--ckpt_path` before any encoder loads: a missing, foreign or broken file is one clear error."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        ckpt = config.get("ckpt_path") if config is not None else None
+        if ckpt and ckpt not in SPECIAL_CKPT_PATHS and "://" not in str(ckpt):
+            from layerfusion.classifier import read_checkpoint
+
+            read_checkpoint(ckpt)
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer without transformers' per-encoder "Loading weights" bars."""
+        with no_loading_bars():
+            super().instantiate_classes()
+        for logger in self.trainer.loggers:
+            _prepare_wandb(logger)
+
+
+class LayerFusionArgumentParser(LightningArgumentParser):
+    """Lightning's parser, except that an unknown `model.head` gets the one-line error every other bad value gets."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        match = _UNKNOWN_HEAD.search(message)
+        if match:
+            from layerfusion.fusion.heads import HEADS
+
+            raise ConfigError(
+                f"model.head: unknown head {match.group(1).strip()!r}; choose one of {', '.join(HEADS)}"
+            )
+        super().error(message, ex)
+
+
+# jsonargparse's message for a value outside the `HeadKind` Literal of `model.head`
+_UNKNOWN_HEAD = re.compile(
+    r'key "model\.head":\s*Expected a typing\.Literal\[[^\]]*\]\. Got value: (.*)'
+)
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -52,3 +102,53 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("[layerfusion] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+def quiet_console() -> None:
+    """Silence the console noise a user can neither act on nor needs, each at its exact message.
+
+    - Lightning's advertisement for litlogger / litmodels ("💡 Tip: For seamless cloud ...").
+    - Lightning's "Found N module(s) in eval mode at the start of training": the frozen encoders are
+      in eval mode on purpose (`FrozenEncoder.train` keeps them there); the head trains in train mode.
+    - torch's FutureWarning that Lightning 2.6's own pytree helper uses the deprecated `LeafSpec`.
+    """
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+    from lightning_utilities.core import rank_zero
+
+    if not any(isinstance(f, _DropTips) for f in rank_zero.log.filters):
+        rank_zero.log.addFilter(_DropTips())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Found \d+ module\(s\) in eval mode at the start of training",
+        category=PossibleUserWarning,
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+class _DropTips(logging.Filter):
+    """Drop Lightning's "💡 Tip: For seamless cloud ..." advertisements (litlogger, litmodels)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip: For seamless cloud")
+
+
+def _prepare_wandb(logger) -> None:
+    """Remove the causes of two W&B warnings that come from Lightning's defaults, not from the user.
+
+    Lightning passes `anonymous=None` to `wandb.init`, and W&B warns that the setting has no effect
+    whenever it is passed; W&B looks for a git repository from the run's `dir` and warns when that
+    directory does not exist yet, so it is created first.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger) or logger._experiment is not None:
+        return
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    if logger.save_dir:
+        Path(logger.save_dir).mkdir(parents=True, exist_ok=True)

@@ -11,3 +11,7 @@ class ConfigError(LayerFusionError, ValueError):
 
 class ModelNotFoundError(LayerFusionError, FileNotFoundError):
     """A model name resolves to neither a local directory nor a hub copy."""
+
+
+class CheckpointError(LayerFusionError, ValueError):
+    """A checkpoint or saved classifier is missing, unreadable, or not written by layerfusion."""

