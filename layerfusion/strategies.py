@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-# transformer block classes of the supported encoders: each becomes its own FSDP unit
-BLOCK_CLASSES = [
-    "transformers.models.bert.modeling_bert.BertLayer",
-    "transformers.models.roberta.modeling_roberta.RobertaLayer",
-    "transformers.models.deberta_v2.modeling_deberta_v2.DebertaV2Layer",
-    "transformers.models.mpnet.modeling_mpnet.MPNetLayer",
-    "transformers.models.gpt2.modeling_gpt2.GPT2Block",
-    "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
-    "transformers.models.mistral.modeling_mistral.MistralDecoderLayer",
-    "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer",
-]
+from layerfusion.encoders.frozen import ARCHITECTURES
 
 
 class FrozenEncoderFSDPStrategy(FSDPStrategy):
@@ -26,7 +18,8 @@ class FrozenEncoderFSDPStrategy(FSDPStrategy):
     (its type is a forward reference), hence `wrap_classes`: import paths of the block classes.
 
     Args:
-        wrap_classes: block classes to wrap (default: the blocks of every supported architecture).
+        wrap_classes: block classes to wrap (default: the block class of every architecture in
+            `layerfusion.encoders.frozen.ARCHITECTURES`, see `block_classes`).
         sharding_strategy: FSDP sharding strategy.
         state_dict_type: `full` (one file, what layerfusion's head-only checkpoints need) or `sharded`.
         **kwargs: passed on to `FSDPStrategy`.
@@ -39,13 +32,28 @@ class FrozenEncoderFSDPStrategy(FSDPStrategy):
         state_dict_type: str = "full",
         **kwargs,
     ) -> None:
-        classes = {_import(path) for path in (wrap_classes or BLOCK_CLASSES)}
+        classes = {_import(path) for path in wrap_classes} if wrap_classes else block_classes()
         super().__init__(
-            auto_wrap_policy=classes,
+            auto_wrap_policy=set(classes),
             sharding_strategy=sharding_strategy,
             state_dict_type=state_dict_type,
             **kwargs,
         )
+
+
+@functools.cache
+def block_classes() -> frozenset[type]:
+    """The transformer block class of every architecture in `ARCHITECTURES`, found where the layer taps
+    find the blocks (`ARCHITECTURES[model_type][1]`) in a one-block model built on the meta device."""
+    from transformers import AutoConfig, AutoModel
+
+    found = set()
+    for model_type, (_, blocks, _) in ARCHITECTURES.items():
+        config = AutoConfig.for_model(model_type, num_hidden_layers=1)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+        found.add(type(model.get_submodule(blocks)[0]))
+    return frozenset(found)
 
 
 def _import(path: str) -> type:
