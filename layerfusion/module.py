@@ -135,23 +135,31 @@ class LayerFusionModule(L.LightningModule):
 
     def prepare_features(self, stage: str) -> None:
         """Make `self.features[split]` ready for each split of `stage` (idempotent; callbacks may call it
-        from their own `setup`, which runs before this module's)."""
+        from their own `setup`, which runs before this module's). Each encoder is run only up to the
+        deepest layer that `feature_depths(stage)` asks for."""
         if self.hparams.features != "cached":
             return
         dm = self.trainer.datamodule
         dm.setup(stage)
         device = self.trainer.strategy.root_device
+        depths = self.feature_depths(stage)
         for split in STAGE_SPLITS.get(stage, []):
-            if split in self.features:
+            held = self.features.get(split)
+            if held is not None and all(held[k].shape[1] > d for k, d in depths.items()):
                 continue
             # predicting on the test split reads the test split's cache entry
             name = "test" if split == "predict" and dm.predict_path is None else split
-            self.features[split] = self.extract_split(dm.texts(split), name, device)
+            self.features[split] = self.extract_split(dm.texts(split), name, device, depths)
 
     def extract_split(
-        self, texts: list[str], split: str, device: torch.device | str = "cpu"
+        self,
+        texts: list[str],
+        split: str,
+        device: torch.device | str = "cpu",
+        depths: dict[str, int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Cached features `{encoder: [N, L, d]}` of `texts`; under DDP each rank extracts its shard."""
+        """Cached features `{encoder: [N, depth+1, d]}` of `texts`, layers 0..`depths[encoder]` (default: all
+        layers); under DDP each rank extracts its shard."""
         trainer = self._trainer
         shard, barrier = (0, 1), None
         if trainer is not None and trainer.world_size > 1:
@@ -159,22 +167,43 @@ class LayerFusionModule(L.LightningModule):
             barrier = lambda: trainer.strategy.barrier("layerfusion-features")  # noqa: E731
         out, seconds = {}, 0.0
         for key, encoder in self.encoders.items():
+            depth = (depths or {}).get(key)
             out[key] = self.cache.load_or_build(
-                encoder, texts, split, device, shard=shard, barrier=barrier
+                encoder, texts, split, device, shard=shard, barrier=barrier, depth=depth
             )
             seconds += self.cache.last_build_seconds or 0.0
         self.extract_seconds[split] = seconds
         return out
 
     def batch_features(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
-        """`{encoder: [B, L, d]}` for a batch: looked up in the cache, or computed by the encoders."""
+        """`{encoder: [B, depth+1, d]}` for a batch, up to the deepest selected layer: looked up in the
+        cache, or computed by the encoders (which stop there)."""
+        depths = {k: max(layers) for k, layers in self.selection.items()}
         if self.hparams.features == "online":
-            return {k: enc(**batch["inputs"][k]) for k, enc in self.encoders.items()}
+            return {
+                k: enc(**batch["inputs"][k], depth=depths[k]) for k, enc in self.encoders.items()
+            }
+        held = self.features[split]
+        if any(held[k].shape[1] <= d for k, d in depths.items()):
+            # the selection moved deeper after extraction (e.g. restored from a checkpoint)
+            self.prepare_features(self.trainer.state.fn.value)
+            held = self.features[split]
         rows = batch["index"].cpu()
-        return {
-            k: feats[rows].to(self.device, torch.float32)
-            for k, feats in self.features[split].items()
-        }
+        return {k: feats[rows].to(self.device, torch.float32) for k, feats in held.items()}
+
+    def feature_depths(self, stage: str | None = None) -> dict[str, int]:
+        """The deepest layer each encoder must compute for `stage`: the deepest selected layer, or every
+        layer while fitting with `LayerImportance` (it scores them all on train and val)."""
+        from layerfusion.callbacks.layer_importance import LayerImportance
+
+        trainer = self._trainer
+        if (
+            stage == "fit"
+            and trainer is not None
+            and any(isinstance(c, LayerImportance) for c in trainer.callbacks)
+        ):
+            return {k: e.num_layers - 1 for k, e in self.encoders.items()}
+        return {k: max(layers) for k, layers in self.selection.items()}
 
     # -- steps -----------------------------------------------------------------------------------
 

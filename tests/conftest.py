@@ -19,7 +19,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-ARCHS = ["bert", "roberta", "deberta-v2", "mpnet", "gpt2", "llama"]
+ARCHS = [
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "mpnet",
+    "deberta",
+    "deberta-v2",
+    "deberta-v2-conv",  # conv_kernel_size > 0 (deberta-v2-xlarge): a convolution after block 0
+    "electra",
+    "electra-projected",  # embedding_size < hidden_size (electra-small): embeddings projected
+    "distilbert",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+]
+"""Every model_type of `ARCHITECTURES`, plus the variants whose hidden states need special taps."""
 
 
 @pytest.fixture(autouse=True)
@@ -47,15 +65,8 @@ def minilm_dir() -> str:
 
 
 def tiny_config(arch: str, vocab_size: int):
-    """A 2-layer, 32-wide random config of `arch`."""
-    from transformers import (
-        BertConfig,
-        DebertaV2Config,
-        GPT2Config,
-        LlamaConfig,
-        MPNetConfig,
-        RobertaConfig,
-    )
+    """A 2-layer, 32-wide random config of `arch` (an entry of `ARCHS`)."""
+    import transformers as tf
 
     common = dict(
         vocab_size=vocab_size,
@@ -64,12 +75,28 @@ def tiny_config(arch: str, vocab_size: int):
         num_attention_heads=4,
         intermediate_size=64,
     )
+    decoder = dict(**common, num_key_value_heads=2, bos_token_id=101, eos_token_id=102)
     return {
-        "bert": lambda: BertConfig(**common),
-        "roberta": lambda: RobertaConfig(**common, pad_token_id=0),
-        "deberta-v2": lambda: DebertaV2Config(**common),
-        "mpnet": lambda: MPNetConfig(**common, pad_token_id=0),
-        "gpt2": lambda: GPT2Config(
+        "bert": lambda: tf.BertConfig(**common),
+        "roberta": lambda: tf.RobertaConfig(**common, pad_token_id=0),
+        "xlm-roberta": lambda: tf.XLMRobertaConfig(**common, pad_token_id=0),
+        "camembert": lambda: tf.CamembertConfig(**common, pad_token_id=0),
+        "mpnet": lambda: tf.MPNetConfig(**common, pad_token_id=0),
+        "deberta": lambda: tf.DebertaConfig(**common),
+        "deberta-v2": lambda: tf.DebertaV2Config(**common),
+        "deberta-v2-conv": lambda: tf.DebertaV2Config(
+            **common,
+            conv_kernel_size=3,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+        ),
+        "electra": lambda: tf.ElectraConfig(**common, embedding_size=32),
+        "electra-projected": lambda: tf.ElectraConfig(**common, embedding_size=16),
+        "distilbert": lambda: tf.DistilBertConfig(
+            vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, hidden_dim=64
+        ),
+        "gpt2": lambda: tf.GPT2Config(
             vocab_size=vocab_size,
             n_embd=32,
             n_layer=2,
@@ -77,9 +104,10 @@ def tiny_config(arch: str, vocab_size: int):
             bos_token_id=101,
             eos_token_id=102,
         ),
-        "llama": lambda: LlamaConfig(
-            **common, num_key_value_heads=2, bos_token_id=101, eos_token_id=102, pad_token_id=0
-        ),
+        "llama": lambda: tf.LlamaConfig(**decoder, pad_token_id=0),
+        "mistral": lambda: tf.MistralConfig(**decoder, pad_token_id=0),
+        "qwen2": lambda: tf.Qwen2Config(**decoder, pad_token_id=0),
+        "qwen3": lambda: tf.Qwen3Config(**decoder, head_dim=8, pad_token_id=0),
     }[arch]()
 
 

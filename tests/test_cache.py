@@ -153,3 +153,36 @@ def test_sharded_build_equals_single_process_build(tmp_path, encoder, tiny_model
     assert torch.equal(results[0], results[1])
     assert not list((tmp_path / "two").rglob("*part*"))  # parts merged and removed
     assert len(list((tmp_path / "two").rglob("manifest.json"))) == 1
+
+
+def test_compute_precision_is_part_of_the_key(tmp_path, tiny_models):
+    """A bf16 entry is never served to an fp32 request (same weights, texts, everything else)."""
+    cache = FeatureCache(tmp_path, "float32")
+    bf16 = FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16, compute_dtype="bfloat16"))
+    fp32 = FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16, compute_dtype="float32"))
+    low = cache.load_or_build(bf16, TEXTS, "train")
+    full = cache.load_or_build(fp32, TEXTS, "train")
+    assert cache.last_build_seconds > 0  # extracted again, not read from the bf16 entry
+    assert not torch.equal(low, full)
+    torch.testing.assert_close(low, full, atol=0.1, rtol=0.05)
+    manifests = [json.loads(p.read_text()) for p in tmp_path.rglob("manifest.json")]
+    assert sorted(m["key"]["compute_dtype"] for m in manifests) == ["bfloat16", "float32"]
+    assert all("set in the config" in m["compute_reason"] for m in manifests)
+
+
+def test_entry_with_more_layers_serves_fewer_and_fewer_never_serve_more(tmp_path, encoder):
+    cache = FeatureCache(tmp_path / "deep", "float32", batch_size=4)
+    full = cache.load_or_build(encoder, TEXTS, "train").clone()
+    part = cache.load_or_build(encoder, TEXTS, "train", depth=1)
+    assert cache.last_build_seconds == 0.0  # sliced from the all-layer entry, not extracted
+    assert part.shape == (23, 2, 32) and torch.equal(part, full[:, :2])
+    assert len(list((tmp_path / "deep").rglob("manifest.json"))) == 1
+
+    shallow_cache = FeatureCache(tmp_path / "shallow", "float32", batch_size=4)
+    shallow = shallow_cache.load_or_build(encoder, TEXTS, "train", depth=1)
+    assert shallow_cache.last_build_seconds > 0 and torch.equal(shallow, full[:, :2])
+    (manifest,) = [json.loads(p.read_text()) for p in (tmp_path / "shallow").rglob("manifest.json")]
+    assert manifest["shape"] == [23, 2, 32] and manifest["key"]["layers"] == 2
+    deep = shallow_cache.load_or_build(encoder, TEXTS, "train")
+    assert shallow_cache.last_build_seconds > 0  # two layers cannot serve three
+    assert torch.equal(deep, full)

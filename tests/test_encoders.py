@@ -7,10 +7,13 @@ import torch
 from conftest import ARCHS
 
 from layerfusion.encoders.frozen import (
+    ARCHITECTURES,
     EncoderSpec,
     FrozenEncoder,
     clamp_max_length,
+    cpu_bf16_units,
     load_pretrained,
+    resolve_compute_dtype,
     tap_modules,
 )
 from layerfusion.encoders.taps import pool
@@ -122,3 +125,126 @@ def test_fingerprint_tracks_weights(tiny_models):
     b._fingerprint = None
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() != _encoder(tiny_models["roberta"]).fingerprint()
+
+
+def test_mpnet_clamp_leaves_room_for_its_position_offset(tiny_models):
+    """MPNet numbers positions from padding_idx + 1 = 2 (fixed in its code): the clamped length runs, one
+    more token fails."""
+    mpnet, tok = load_pretrained(EncoderSpec(tiny_models["mpnet"]))
+    limit = clamp_max_length(EncoderSpec("m", max_length=10_000), tok, mpnet.config)
+    assert limit == mpnet.config.max_position_embeddings - 2 == 510
+    with torch.no_grad():
+        mpnet(input_ids=torch.full((1, limit), 5))
+        with pytest.raises(IndexError):
+            mpnet(input_ids=torch.full((1, limit + 1), 5))
+
+
+def _block_calls(enc: FrozenEncoder) -> tuple[list[int], list]:
+    """A call counter per transformer block of `enc` (and the hook handles to remove)."""
+    blocks = enc.model.get_submodule(ARCHITECTURES[enc.model.config.model_type][1])
+    calls = [0] * len(blocks)
+
+    def counter(i):
+        def hook(*_):
+            calls[i] += 1
+
+        return hook
+
+    return calls, [b.register_forward_hook(counter(i)) for i, b in enumerate(blocks)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_early_exit_runs_no_block_above_depth_and_keeps_layers_exact(tiny_models, arch):
+    enc = _encoder(tiny_models[arch])
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    full = enc(ids, mask)
+    blocks = enc.model.get_submodule(ARCHITECTURES[enc.model.config.model_type][1])
+    calls, handles = _block_calls(enc)
+    for depth in range(enc.num_layers):
+        calls[:] = [0] * len(calls)
+        part = enc(ids, mask, depth=depth)
+        assert part.shape == (len(TEXTS), depth + 1, enc.hidden_size)
+        assert torch.equal(part, full[:, : depth + 1]), f"layers 0..{depth} differ from a full pass"
+        ran = max(depth, 1)  # layer 0 alone still runs block 0 (DeBERTa needs one block)
+        assert calls == [1] * ran + [0] * (len(blocks) - ran), calls
+    for h in handles:
+        h.remove()
+    assert enc.model.get_submodule(ARCHITECTURES[enc.model.config.model_type][1]) is blocks
+    with pytest.raises(ValueError, match="depth must be in 0..2"):
+        enc(ids, mask, depth=3)
+
+
+def test_early_exit_restores_the_blocks_when_the_forward_fails(tiny_models):
+    enc = _encoder(tiny_models["llama"])
+    blocks = enc.model.layers
+    with pytest.raises(IndexError):
+        enc(torch.full((1, 4), 10**7), torch.ones(1, 4, dtype=torch.long), depth=1)
+    assert enc.model.layers is blocks and len(enc.model.layers) == 2
+
+
+def test_sdpa_attention_wherever_transformers_offers_it(tiny_models):
+    """Every architecture whose transformers class supports SDPA loads with it; the others are eager."""
+    for arch in ARCHS:
+        model, _ = load_pretrained(EncoderSpec(tiny_models[arch]))
+        expected = "sdpa" if type(model)._supports_sdpa else "eager"
+        assert model.config._attn_implementation == expected, arch
+    assert not type(load_pretrained(EncoderSpec(tiny_models["mpnet"]))[0])._supports_sdpa
+
+
+def test_auto_compute_dtype_follows_what_torch_reports(monkeypatch):
+    name, reason = resolve_compute_dtype("auto", "cpu")
+    assert name == ("bfloat16" if cpu_bf16_units() else "float32"), reason
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(
+        torch.cpu, "_is_avx512_bf16_supported", lambda: True
+    )  # a CPU with bf16 units
+    assert resolve_compute_dtype("auto", "cpu") == (
+        "bfloat16",
+        "this CPU has AVX512-BF16 (torch.cpu reports it)",
+    )
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    name, reason = resolve_compute_dtype("auto", "cpu")
+    assert name == "float32" and "neither AVX512-BF16 nor AMX" in reason
+    assert resolve_compute_dtype("bfloat16", "cpu")[0] == "bfloat16"
+    assert resolve_compute_dtype("tfloat32", "cpu")[0] == "float32"  # TF32 is CUDA-only
+    assert resolve_compute_dtype("auto", "cpu", torch.bfloat16)[0] == "bfloat16"  # bf16 weights
+
+
+def test_compute_dtype_is_checked():
+    with pytest.raises(ConfigError, match="compute_dtype must be one of auto, float32"):
+        EncoderSpec("x", compute_dtype="fp8")
+    with pytest.raises(ConfigError, match="needs float32 weights"):
+        EncoderSpec("x", compute_dtype="float32", torch_dtype="bfloat16")
+
+
+def test_bf16_compute_runs_the_blocks_in_bf16_and_pools_in_fp32(tiny_models, caplog):
+    path = tiny_models["bert"]
+    fp32 = _encoder(path, compute_dtype="float32")
+    bf16 = _encoder(path, compute_dtype="bfloat16")
+    batch = fp32.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    seen = []
+    for enc in (fp32, bf16):
+        query = enc.model.encoder.layer[1].attention.self.query
+        handle = query.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        with caplog.at_level("INFO", logger="layerfusion.encoders.frozen"):
+            a = enc(batch["input_ids"], batch["attention_mask"])
+            enc(batch["input_ids"], batch["attention_mask"])
+        handle.remove()
+        assert a.dtype == torch.float32  # pooled in fp32 whatever the compute precision
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+    chosen = [r.getMessage() for r in caplog.records if "computes in" in r.getMessage()]
+    assert chosen == [
+        f"encoder {path.split('/')[-1]} computes in float32 on cpu: compute_dtype float32 set in the config",
+        f"encoder {path.split('/')[-1]} computes in bfloat16 on cpu: compute_dtype bfloat16 set in the config",
+    ]  # once per encoder, not per forward
+
+
+def test_fp32_compute_is_shielded_from_an_outer_autocast(tiny_models):
+    """A bf16-mixed trainer autocasts the step; an encoder set to float32 still computes in fp32."""
+    enc = _encoder(tiny_models["bert"], compute_dtype="float32")
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ref = enc(batch["input_ids"], batch["attention_mask"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = enc(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(inside, ref)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +40,8 @@ ARCHITECTURES: dict[str, tuple[str, str, str | None]] = {
 }
 DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ComputeDtype = Literal["auto", "float32", "tfloat32", "bfloat16", "float16"]
+COMPUTE_DTYPES = ("auto", "float32", "tfloat32", "bfloat16", "float16")
 
 
 @dataclass
@@ -52,10 +56,30 @@ class EncoderSpec:
     """Tokens per text; clamped (with a warning) to the model's limit."""
     torch_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """Load the encoder weights in this dtype (None = as saved, fp32 for these models)."""
+    compute_dtype: ComputeDtype = "auto"
+    """Precision the encoder computes in (weights stay as loaded): `auto` = bf16 autocast on CUDA
+    devices and CPUs that have bf16 units, fp16 autocast on older CUDA, fp32 otherwise; `float32`
+    (IEEE fp32 everywhere), `tfloat32` (fp32 with TF32 matmuls on CUDA), `bfloat16`, `float16`.
+    Pooling is fp32 whatever this says."""
     trust_remote_code: bool = False
     """Allow the model directory to run its own Python code. Off unless you trust the source."""
     alias: str | None = None
     """Short name used in logs, features and checkpoints (default: last part of `name`)."""
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"encoder {self.name!r}: compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                f"got {self.compute_dtype!r}"
+            )
+        if self.compute_dtype in ("float32", "tfloat32") and self.torch_dtype in (
+            "float16",
+            "bfloat16",
+        ):
+            raise ConfigError(
+                f"encoder {self.name!r}: compute_dtype {self.compute_dtype} needs float32 weights, "
+                f"but torch_dtype loads them in {self.torch_dtype}"
+            )
 
     @property
     def key(self) -> str:
@@ -76,6 +100,7 @@ class FrozenEncoder(nn.Module):
         freeze(self.model)
         self.taps = LayerTaps(tap_modules(self.model), spec.pooling)
         self._fingerprint: str | None = None
+        self._precision: dict[str, tuple[str, str]] = {}
 
     @property
     def num_layers(self) -> int:
@@ -87,16 +112,60 @@ class FrozenEncoder(nn.Module):
         return int(self.model.config.hidden_size)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        depth: int | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Run the encoder without gradients and return every layer pooled, `[B, L+1, d]` in fp32."""
+        """Pooled layers `0..depth` (default: all) in fp32, `[B, depth+1, d]`, without gradients.
+
+        Blocks above `depth` are not run at all (early exit): the block list is cut for this pass.
+        """
+        depth = self.num_layers - 1 if depth is None else int(depth)
+        if not 0 <= depth < self.num_layers:
+            raise ValueError(f"depth must be in 0..{self.num_layers - 1}, got {depth}")
         if not self.taps.active:  # closed by a previous stage's teardown
             self.taps = LayerTaps(tap_modules(self.model), self.spec.pooling)
-        self.taps.start(attention_mask)
+        self.taps.start(attention_mask, depth)
         extra = {"use_cache": False} if self.model.config.model_type in DECODERS else {}
-        with torch.no_grad():
+        with (
+            torch.no_grad(),
+            self.compute_context(input_ids.device),
+            only_blocks(self.model, depth),
+        ):
             self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
         return self.taps.stack()
+
+    def compute_precision(self, device: torch.device | str) -> str:
+        """The precision this encoder computes in on `device` (`float32`, `tfloat32`, `bfloat16`, `float16`).
+
+        Decided once per device type from what torch reports about the hardware, and logged with the reason.
+        """
+        kind = torch.device(device).type
+        if kind not in self._precision:
+            weights = next(self.model.parameters()).dtype
+            self._precision[kind] = resolve_compute_dtype(self.spec.compute_dtype, kind, weights)
+            precision, reason = self._precision[kind]
+            log.info("encoder %s computes in %s on %s: %s", self.spec.key, precision, kind, reason)
+        return self._precision[kind][0]
+
+    def compute_reason(self, device: torch.device | str) -> str:
+        """Why the encoder computes in `compute_precision(device)` (what torch reported, or the config)."""
+        self.compute_precision(device)
+        return self._precision[torch.device(device).type][1]
+
+    def compute_context(self, device: torch.device | str):
+        """A context that runs the encoder's forward in its compute precision on `device`."""
+        kind = torch.device(device).type
+        precision = self.compute_precision(device)
+        if precision in ("bfloat16", "float16"):
+            return torch.autocast(kind, dtype=DTYPES[precision])
+        # fp32 (or the weights' own dtype): switch off any autocast around us, e.g. a bf16-mixed trainer
+        off = torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else nullcontext()
+        if kind == "cuda":
+            return _cuda_fp32("high" if precision == "tfloat32" else "highest")
+        return off
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         """Stay in eval mode (no dropout) whatever the trainer asks."""
@@ -189,13 +258,99 @@ def tap_modules(model: nn.Module) -> list[nn.Module]:
     embed, blocks, final_norm = ARCHITECTURES[model_type]
     layers = list(model.get_submodule(blocks))
     last = model.get_submodule(final_norm) if final_norm else layers[-1]
-    return [model.get_submodule(embed), *layers[:-1], last]
+    modules = [model.get_submodule(embed), *layers[:-1], last]
+    if model_type == "electra" and hasattr(model, "embeddings_project"):
+        modules[0] = (
+            model.embeddings_project
+        )  # embeddings narrower than the blocks: projected first
+    if model_type == "deberta-v2" and getattr(model.encoder, "conv", None) is not None:
+        modules[1] = model.encoder.conv  # conv_kernel_size > 0: a convolution follows block 0
+    return modules
+
+
+@contextmanager
+def only_blocks(model: nn.Module, depth: int) -> Iterator[None]:
+    """Cut the model's block list to the blocks below hidden state `depth` for the duration (early exit).
+
+    At least one block stays: some encoders (DeBERTa) cannot run without any.
+    """
+    _, blocks, _ = ARCHITECTURES[model.config.model_type]
+    parent_name, _, attr = blocks.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    full = getattr(parent, attr)
+    if depth >= len(full):
+        yield
+        return
+    setattr(parent, attr, full[: max(depth, 1)])
+    try:
+        yield
+    finally:
+        setattr(parent, attr, full)
+
+
+def resolve_compute_dtype(
+    requested: str, device_type: str, weights: torch.dtype = torch.float32
+) -> tuple[str, str]:
+    """The precision an encoder with `compute_dtype=requested` computes in on this device type, and why."""
+    if requested != "auto":
+        if requested in ("float32", "tfloat32") and weights != torch.float32:
+            raise ConfigError(f"compute_dtype {requested} needs float32 weights, got {weights}")
+        if requested == "tfloat32" and device_type != "cuda":
+            return (
+                "float32",
+                f"compute_dtype tfloat32: TF32 exists on CUDA only, fp32 on {device_type}",
+            )
+        return requested, f"compute_dtype {requested} set in the config"
+    if weights != torch.float32:
+        name = str(weights).removeprefix("torch.")
+        return name, f"weights loaded in {name} (torch_dtype): computing in it"
+    if device_type == "cuda":
+        card = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", f"{card} has bf16 units"
+        major, minor = torch.cuda.get_device_capability()
+        return "float16", f"{card} (compute capability {major}.{minor}) has no bf16 units"
+    if device_type == "cpu":
+        units = cpu_bf16_units()
+        if units:
+            return "bfloat16", f"this CPU has {units} (torch.cpu reports it)"
+        return "float32", (
+            "torch.cpu reports neither AVX512-BF16 nor AMX on this CPU "
+            f"(kernels: {torch.backends.cpu.get_cpu_capability()}), so bf16 would be emulated"
+        )
+    return "float32", f"no reduced precision is chosen automatically on {device_type}"
+
+
+def cpu_bf16_units() -> str | None:
+    """The bf16 units of this CPU as torch reports them (`AMX`, `AVX512-BF16`), or None."""
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    found = [name for name, check in checks if getattr(torch.cpu, check, lambda: False)()]
+    return " and ".join(found) or None
+
+
+@contextmanager
+def _cuda_fp32(matmul_precision: str) -> Iterator[None]:
+    """fp32 on CUDA with this matmul precision (`high` = TF32, `highest` = IEEE), no autocast; restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        with torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def freeze(model: nn.Module) -> None:
     """Put `model` in eval mode and turn off gradients for every parameter."""
     model.eval()
     model.requires_grad_(False)
+
+
+def position_offset(config) -> int:
+    """Position ids unusable for tokens: RoBERTa-likes start after the config's pad id, MPNet after its fixed 1."""
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        return config.pad_token_id + 1
+    return 2 if config.model_type == "mpnet" else 0
 
 
 def clamp_max_length(spec: EncoderSpec, tokenizer, config) -> int:
@@ -209,12 +364,7 @@ def clamp_max_length(spec: EncoderSpec, tokenizer, config) -> int:
         limits.append(int(tokenizer.model_max_length))
     positions = getattr(config, "max_position_embeddings", None)
     if positions and getattr(config, "position_biased_input", True):
-        offset = (
-            (config.pad_token_id + 1)
-            if config.model_type in ("roberta", "xlm-roberta", "camembert")
-            else 0
-        )
-        limits.append(int(positions) - offset)
+        limits.append(int(positions) - position_offset(config))
     limit = min(limits) if limits else spec.max_length
     if spec.max_length > limit:
         log.warning(

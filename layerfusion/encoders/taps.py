@@ -15,7 +15,8 @@ Pooling = Literal["mean", "cls", "last"]
 class LayerTaps:
     """Forward hooks on `modules` (layer 0 = embeddings output) that keep only pooled `[B, d]` vectors.
 
-    Set the attention mask with `start(mask)` before the forward pass, read `[B, L, d]` with `stack()`.
+    Set the attention mask with `start(mask, depth)` before the forward pass, read `[B, depth+1, d]` with
+    `stack()`; layers above `depth` are not recorded (with early exit they do not run).
     """
 
     def __init__(self, modules: list[nn.Module], pooling: Pooling = "mean") -> None:
@@ -23,22 +24,25 @@ class LayerTaps:
             raise ConfigError(f"pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
         self.pooling = pooling
         self._mask: torch.Tensor | None = None
+        self._depth = len(modules) - 1
         self._pooled: list[torch.Tensor | None] = [None] * len(modules)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
-    def start(self, attention_mask: torch.Tensor) -> None:
-        """Arm the taps for one forward pass over inputs with this attention mask."""
+    def start(self, attention_mask: torch.Tensor, depth: int | None = None) -> None:
+        """Arm the taps for one forward pass over inputs with this attention mask, recording layers 0..depth."""
         self._mask = attention_mask
+        self._depth = len(self._pooled) - 1 if depth is None else depth
         self._pooled = [None] * len(self._pooled)
 
     def stack(self) -> torch.Tensor:
-        """The pooled outputs of the last forward pass, `[B, L, d]`."""
-        missing = [i for i, p in enumerate(self._pooled) if p is None]
+        """The pooled outputs of the last forward pass, `[B, depth+1, d]`."""
+        kept = self._pooled[: self._depth + 1]
+        missing = [i for i, p in enumerate(kept) if p is None]
         if missing:
             raise RuntimeError(
                 f"layer taps {missing} did not fire: was the encoder run after start()?"
             )
-        out = torch.stack(self._pooled, dim=1)  # type: ignore[arg-type]
+        out = torch.stack(kept, dim=1)  # type: ignore[arg-type]
         self._pooled = [None] * len(self._pooled)
         self._mask = None
         return out
@@ -68,10 +72,11 @@ class _Tap:
 
     def __call__(self, module: nn.Module, args, output) -> None:
         taps = self.taps
-        if taps._mask is None:
-            return  # the encoder was run without start(): nothing to record
+        if taps._mask is None or self.index > taps._depth:
+            return  # not armed by start(), or above the requested depth: nothing to record
         hidden = output[0] if isinstance(output, (tuple, list)) else output
-        taps._pooled[self.index] = pool(hidden, taps._mask, taps.pooling)
+        with torch.autocast(hidden.device.type, enabled=False):  # pool in fp32 under autocast too
+            taps._pooled[self.index] = pool(hidden, taps._mask, taps.pooling)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:

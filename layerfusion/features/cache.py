@@ -23,15 +23,17 @@ from layerfusion.leftovers import remove_dead_leftovers
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CacheDtype = Literal["float16", "float32"]
 
 
 class FeatureCache:
     """Features `[N, L, d]` of one (encoder, split), keyed by everything they depend on.
 
-    Key: encoder weights (content hash), tokenizer, max length, pooling, storage dtype,
-    the split's texts (content hash) and the split name. An entry is a directory holding
+    Key: encoder weights (content hash), tokenizer, max length, pooling, the precision the encoder
+    computed in, storage dtype, the split's texts (content hash), the split name, and the number of
+    layers kept (layers 0..depth: extraction stopped at the deepest layer needed). An entry with more
+    layers serves a request for fewer (sliced, not re-extracted). An entry is a directory holding
     `features.npy` and `manifest.json` (shape, dtype, rows, SHA-256 of the array file); it is
     written to a temporary directory and renamed into place, so a killed run leaves no entry
     that looks complete. A partial, corrupt or mismatched entry is reported and rebuilt.
@@ -47,8 +49,15 @@ class FeatureCache:
         self.batch_size = batch_size
         self.last_build_seconds: float | None = None
 
-    def key(self, encoder: FrozenEncoder, texts: list[str], split: str) -> dict:
-        """Everything the features of this split depend on."""
+    def key(
+        self,
+        encoder: FrozenEncoder,
+        texts: list[str],
+        split: str,
+        device: torch.device | str = "cpu",
+        depth: int | None = None,
+    ) -> dict:
+        """Everything the features of this split depend on (layers 0..`depth`, default all, extracted on `device`)."""
         return {
             "format": FORMAT_VERSION,
             "encoder": encoder.spec.name,
@@ -57,14 +66,35 @@ class FeatureCache:
             "max_length": encoder.max_length,
             "pooling": encoder.spec.pooling,
             "encoder_dtype": str(next(encoder.model.parameters()).dtype),
+            "compute_dtype": encoder.compute_precision(device),
             "dtype": self.dtype,
             "data_sha256": texts_fingerprint(texts),
             "split": split,
             "rows": len(texts),
+            "layers": encoder.num_layers if depth is None else depth + 1,
         }
 
     def entry_dir(self, key: dict) -> Path:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        """The directory of the entry for exactly `key`."""
+        return self._stem(key).with_name(f"{self._stem(key).name}-L{key['layers']}")
+
+    def find(self, key: dict) -> Path | None:
+        """The directory of a complete entry that serves `key`: same inputs, at least as many layers."""
+        stem = self._stem(key)
+        found = []
+        for path in stem.parent.glob(f"{stem.name}-L*"):
+            layers = path.name.rpartition("-L")[2]
+            if layers.isdigit() and int(layers) >= key["layers"]:
+                found.append((int(layers), path))
+        for layers, path in sorted(found):  # the smallest entry that has every layer asked for
+            if verify(path, {**key, "layers": layers}) is None:
+                return path
+        return None
+
+    def _stem(self, key: dict) -> Path:
+        """The entry path of `key` without its layer count (entries differing only in depth share it)."""
+        rest = {k: v for k, v in key.items() if k != "layers"}
+        digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:24]
         return self.root / _safe(key["encoder"]) / f"{key['split']}-{digest}"
 
     def load_or_build(
@@ -75,20 +105,26 @@ class FeatureCache:
         device: torch.device | str = "cpu",
         shard: tuple[int, int] = (0, 1),
         barrier: Callable[[], None] | None = None,
+        depth: int | None = None,
     ) -> torch.Tensor:
-        """The features of `texts`, read from a valid cache entry or extracted and written first.
+        """The features `[N, depth+1, d]` of `texts` (layers 0..depth, default all), read from a valid cache
+        entry (one with more layers is sliced) or extracted and written first; extraction stops at `depth`.
 
         With `shard=(rank, world_size)` (DDP), each rank extracts rows `rank::world_size` into a part
         entry, rank 0 merges the parts into the full entry, and every rank reads the full entry;
         `barrier` must synchronise all ranks, and `root` must be on a filesystem they all see.
         """
-        key = self.key(encoder, texts, split)
+        key = self.key(encoder, texts, split, device, depth)
         path = self.entry_dir(key)
         rank, world = shard
         self.last_build_seconds = 0.0
         if self._usable(path, key, may_delete=rank == 0):
             log.info("feature cache hit: %s", path)
             return open_entry(path)
+        deeper = self.find(key)
+        if deeper is not None:
+            log.info("feature cache hit: %s (layers 0..%d of it)", deeper, key["layers"] - 1)
+            return open_entry(deeper)[:, : key["layers"]]
         start = time.perf_counter()
         if world == 1:
             self._extract_entry(encoder, texts, key, path, device)
@@ -122,7 +158,7 @@ class FeatureCache:
     ) -> None:
         """Extract `texts` into a new entry at `path`."""
         start = time.perf_counter()
-        shape = (len(texts), encoder.num_layers, encoder.hidden_size)
+        shape = (len(texts), key["layers"], encoder.hidden_size)
         desc = f"{encoder.spec.key}/{key['split']}" + (
             " shard {}/{}".format(*key["shard"]) if "shard" in key else ""
         )
@@ -131,6 +167,7 @@ class FeatureCache:
             key,
             shape,
             lambda out: extract(encoder, texts, out, self.batch_size, device, desc=desc),
+            extra={"compute_reason": encoder.compute_reason(device)},
         )
         seconds = time.perf_counter() - start
         log.info(
@@ -153,7 +190,10 @@ class FeatureCache:
 
         # the parts were extracted in parallel: the slowest part is the extraction's wall time
         part_seconds = max(read_manifest(p).get("build_seconds", 0.0) for p in parts)
-        self._write_entry(path, key, shape, fill, extra_seconds=part_seconds)
+        reason = read_manifest(parts[0]).get("compute_reason")
+        self._write_entry(
+            path, key, shape, fill, extra_seconds=part_seconds, extra={"compute_reason": reason}
+        )
         for p in parts:
             shutil.rmtree(p, ignore_errors=True)
 
@@ -164,11 +204,13 @@ class FeatureCache:
         shape: tuple[int, ...],
         fill: Callable[[np.ndarray], None],
         extra_seconds: float = 0.0,
+        extra: dict | None = None,
     ) -> None:
         """Write an entry atomically: fill an array in a temporary directory, checksum it, rename into place.
 
         The manifest records `build_seconds` (the fill's wall time plus `extra_seconds`): what the entry
-        cost to compute, reported by `layerfusion reproduce` even when later runs read it from the cache.
+        cost to compute, reported by `layerfusion reproduce` even when later runs read it from the cache;
+        and `extra` (why the encoder computed in the precision the key names).
         """
         start = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +234,7 @@ class FeatureCache:
                 "rows": shape[0],
                 "sha256": file_sha256(tmp / "features.npy"),
                 "build_seconds": time.perf_counter() - start + extra_seconds,
+                **(extra or {}),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             try:
@@ -214,7 +257,8 @@ def extract(
     desc: str = "features",
     sort_by_length: bool = True,
 ) -> None:
-    """Fill `out[i]` with the pooled layers of `texts[i]`, in length-sorted batches (longest first).
+    """Fill `out[i]` with the pooled layers 0..k of `texts[i]` (`out` is `[N, k+1, d]`; the encoder stops
+    after layer k), in length-sorted batches (longest first).
 
     `sort_by_length=False` keeps the given order (only for measuring what bucketing saves).
     """
@@ -231,7 +275,11 @@ def extract(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-            feats = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            feats = encoder(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                depth=out.shape[1] - 1,
+            )
             out[rows] = feats.cpu().numpy().astype(out.dtype)
             bar.advance(task, len(rows))
 
