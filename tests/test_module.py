@@ -80,7 +80,8 @@ def test_checkpoint_is_head_only_and_restores_exactly(tmp_path, tiny_models, sst
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", filename="best", monitor="val_acc", mode="max"
     )
-    _trainer(tmp_path, callbacks=[ckpt], max_epochs=3).fit(model, dm)
+    losses = ValLossPerEpoch()
+    _trainer(tmp_path, callbacks=[ckpt, losses], max_epochs=3).fit(model, dm)
 
     saved = torch.load(ckpt.best_model_path, weights_only=True)  # plain data, no pickled objects
     assert saved["state_dict"] and all(k.startswith("head.") for k in saved["state_dict"])
@@ -89,10 +90,31 @@ def test_checkpoint_is_head_only_and_restores_exactly(tmp_path, tiny_models, sst
     assert meta["selection"] == {"bert": [0, 1, 2], "gpt2": [0, 1, 2]}
 
     dm2, fresh = _build(tiny_models, sst2_slice, tmp_path / "cache")
+    assert any(
+        not torch.equal(v, saved["state_dict"][f"head.{k}"])
+        for k, v in fresh.head.state_dict().items()
+    )
     metrics = _trainer(tmp_path).validate(
         fresh, dm2, ckpt_path=ckpt.best_model_path, verbose=False
     )[0]
-    assert metrics["val_acc"] == pytest.approx(ckpt.best_model_score.item(), abs=0)
+    # the head is the saved one, tensor for tensor, and gives the val_loss it had when it was saved
+    restored = fresh.head.state_dict()
+    assert restored.keys() == {k[len("head.") :] for k in saved["state_dict"]}
+    for k, v in restored.items():
+        assert torch.equal(v, saved["state_dict"][f"head.{k}"]), k
+    assert metrics["val_acc"] == ckpt.best_model_score.item()
+    assert metrics["val_loss"] == pytest.approx(losses.val_loss[saved["epoch"]], rel=1e-6)
+
+
+class ValLossPerEpoch(L.Callback):
+    """`val_loss` of every training epoch, by epoch."""
+
+    def __init__(self) -> None:
+        self.val_loss: dict[int, float] = {}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.val_loss[trainer.current_epoch] = trainer.callback_metrics["val_loss"].item()
 
 
 def test_cached_and_online_features_give_the_same_predictions(tmp_path, tiny_models, sst2_slice):
@@ -130,6 +152,11 @@ def test_checkpoint_from_other_labels_or_encoders_is_refused(tmp_path, tiny_mode
 def test_bf16_mixed_trains_on_cpu(tmp_path, tiny_models, sst2_slice):
     L.seed_everything(0)
     dm, model = _build(tiny_models, sst2_slice, tmp_path / "cache")
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
     trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1, enable_checkpointing=False)
     trainer.fit(model, dm)
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    trainable = [n for n, p in model.head.named_parameters() if p.requires_grad]
+    changed = [n for n in trainable if not torch.equal(model.head.state_dict()[n], before[n])]
+    assert changed == trainable  # every head parameter took optimizer steps
+    assert all(p.dtype == torch.float32 for p in model.head.parameters())  # fp32 master weights
