@@ -34,9 +34,12 @@ class LayerFusionCLI(LightningCLI):
         parser.link_arguments("model.features", "data.features", apply_on="parse")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        """Check `--ckpt_path` before any encoder loads: a missing, foreign or broken file is one clear error."""
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check `--ckpt_path` before Lightning reads it (for its hyperparameters) and before
+        any encoder loads: a missing, foreign or broken file is one clear error."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
         ckpt = config.get("ckpt_path") if config is not None else None
         if ckpt and ckpt not in SPECIAL_CKPT_PATHS and "://" not in str(ckpt):
             from layerfusion.classifier import read_checkpoint

