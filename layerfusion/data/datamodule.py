@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
-import random
 from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from layerfusion.data.jsonl import DataError, Examples, read_jsonl
-from layerfusion.data.sources import load_splits, sorted_labels, split_files, stratified_holdout
-from layerfusion.data.stream import ShardedStream
+from layerfusion.data.readers import DataError, Examples
+from layerfusion.data.sources import (
+    SplitSource,
+    path_source,
+    resolve_splits,
+    sorted_labels,
+    stratified_holdout,
+    stratified_subset,
+)
+from layerfusion.data.stream import ShardedStream, StreamLoader, read_rows, scan_labels
 from layerfusion.encoders.frozen import EncoderSpec
 from layerfusion.errors import ConfigError
 
@@ -20,10 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class TextClassificationDataModule(L.LightningDataModule):
-    """Text classification data from a named dataset, a local `{split}.jsonl` directory or a hub id.
+    """Text classification data from a named dataset, local files (JSON Lines, JSON, CSV, TSV, Parquet,
+    `save_to_disk`) or a hub id.
 
     Args:
-        dataset: `sst2`, `sst2_glue`, `mr`, `r8`, `r52`, a directory of `{train,dev,test}.jsonl[.gz]`, or a hub id.
+        dataset: `sst2` (the default when no train file is given), `sst2_glue`, `mr`, `r8`, `r52`; a directory
+            of `{train,dev|validation|val,test}.{jsonl,json,csv,tsv,parquet}` (text formats also `.gz`) or
+            written by `save_to_disk`; a single data file (train only); or a hub id.
+        train_path: the train split's file (or `save_to_disk` directory); overrides `dataset`'s train split.
+        val_path: the validation split's file; without one, validation is held out of train.
+        test_path: the test split's file.
+        data_files: `{split: file or [files]}` like `datasets`' `data_files` (train, validation|dev|val, test).
         data_dir: where the named datasets live (default: $LAYERFUSION_DATA, else the copies bundled with layerfusion).
         encoders: the model's encoders (linked from `model.encoders` by the CLI); one tokenizer each.
         features: `cached` batches carry row indices only; `online` batches carry tokenized inputs (linked).
@@ -35,15 +48,23 @@ class TextClassificationDataModule(L.LightningDataModule):
         max_eval_samples: seeded subset of val and test (for quick runs); None = all.
         text_field: name of the text field.
         label_field: name of the label field.
-        labels: the label set, when it should not be read from train (streaming over huge sources).
+        labels: the label set in class-id order, when it should not be read from train (streaming over huge
+            sources); a train label outside it is an error.
         streaming: stream the train split (`datasets` streaming, sharded per rank) instead of loading it.
-        predict_path: a JSONL file (`text`, optional `label`) for `predict`; default: the test split.
+            Validation and test are read without the train file when they have their own files; the train
+            label column is scanned once when `labels` is unset, validation is held out of train, or
+            `max_train_samples` is set.
+        predict_path: a data file (`text`, optional `label`) for `predict`; default: the test split.
         num_workers: DataLoader workers.
     """
 
     def __init__(
         self,
-        dataset: str = "sst2",
+        dataset: str | None = None,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        data_files: dict[str, str | list[str]] | None = None,
         data_dir: str | None = None,
         encoders: list[EncoderSpec] | None = None,
         features: Literal["cached", "online"] = "cached",
@@ -65,7 +86,19 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise ConfigError(
                 "data.streaming=true needs model.features=online: a stream has no row index to cache by"
             )
+        for key, value in (
+            ("max_train_samples", max_train_samples),
+            ("max_eval_samples", max_eval_samples),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"data.{key} must be a positive number of rows (or null for all), got {value}"
+                )
+        if labels is not None and len(set(labels)) != len(labels):
+            raise ConfigError(f"data.labels has repeated labels: {labels}")
         self.dataset = dataset
+        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.data_files = data_files
         self.data_dir = data_dir
         self.encoders = list(encoders or [])
         self.features = features
@@ -80,25 +113,25 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.streaming = streaming
         self.predict_path = predict_path
         self.num_workers = num_workers
+        self._given_labels = labels is not None
         self._labels = list(labels) if labels else None
         self.splits: dict[str, Examples] = {}
-        self._raw: dict[str, Examples | None] | None = None
+        self._sources: dict[str, SplitSource | None] | None = None
+        self._train: Examples | None = None  # all train rows (map-style)
+        self._train_label_column: list[str | None] | None = None
         self._tokenizers: dict | None = None
 
     @property
     def label_names(self) -> list[str]:
-        """Labels of the training split, sorted; index = class id."""
+        """The label set: `labels` as given, else the train labels (or ClassLabel names) sorted; index = class id."""
         if self._labels is None:
-            if self.streaming:
-                self._labels = sorted_labels(
-                    list(self._stream_source().select_columns([self.label_field])[self.label_field])
-                )
-            else:
-                self._labels = sorted_labels(self._load()["train"].labels)
-            if len(self._labels) < 2:
-                raise DataError(
-                    f"dataset {self.dataset!r}: train has {len(self._labels)} distinct label(s); need at least 2"
-                )
+            names = self._source("train").class_names(self.label_field)
+            self._labels = sorted_labels(names or self._train_labels())
+        if len(self._labels) < 2:
+            raise DataError(
+                f"{self._source('train').location}: {len(self._labels)} distinct label(s) {self._labels}; "
+                "need at least 2"
+            )
         return self._labels
 
     def setup(self, stage: str | None = None) -> None:
@@ -124,25 +157,28 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:
-            stream = ShardedStream(
-                self._stream_source(),
-                self.label_names,
-                self.text_field,
-                self.label_field,
-                self.seed,
-                self.max_train_samples,
-            )
-            return self._loader(stream, self.batch_size, shuffle=False)
+            return self._stream_loader()
         return self._loader(self._dataset("train"), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val"), self.eval_batch_size)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test"), self.eval_batch_size)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("predict"), self.eval_batch_size)
+        return self._eval_loader("predict")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Every row of `split` exactly once across ranks: under DDP each rank reads rows `rank::world`,
+        unpadded (Lightning's own `DistributedSampler` would repeat rows to even out the ranks; metrics
+        are summed over ranks, so uneven counts are exact)."""
+        dataset = self._dataset(split)
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        sampler = None
+        if kwargs and kwargs.get("num_replicas", 1) > 1:
+            sampler = UnpaddedSampler(dataset, kwargs["num_replicas"], kwargs["rank"])
+        return self._loader(dataset, self.eval_batch_size, sampler=sampler)
 
     def tokenizers(self) -> dict:
         """One tokenizer (with its max length) per encoder, keyed by encoder key."""
@@ -157,40 +193,90 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _load(self) -> dict[str, Examples | None]:
-        if self._raw is None:
-            self._raw = load_splits(self.dataset, self.data_dir, self.text_field, self.label_field)
-        return self._raw
+    def _source(self, split: str) -> SplitSource | None:
+        if self._sources is None:
+            self._sources = resolve_splits(
+                self.dataset,
+                self.data_dir,
+                self.train_path,
+                self.val_path,
+                self.test_path,
+                self.data_files,
+            )
+        return self._sources[split]
 
     def _split(self, split: str) -> Examples:
-        """One split after hold-out, subsetting and the unseen-label check."""
+        """One split after hold-out, subsetting and the label check; reads only that split's source."""
+        tf, lf = self.text_field, self.label_field
+        require_labels = split != "predict"
         if split == "predict":
             if self.predict_path:
-                return read_jsonl(
-                    self.predict_path, self.text_field, self.label_field, require_labels=False
+                ex = path_source(self.predict_path, "data.predict_path").read(
+                    tf, lf, require_labels=False
                 )
+                return self._check_labels(ex)
             split = "test"
-        raw = self._load()
-        if split == "test":
-            if raw["test"] is None:
-                raise DataError(f"dataset {self.dataset!r} has no test split")
-            return self._check_labels(_subset(raw["test"], self.max_eval_samples, self.seed))
-        if raw["val"] is not None:
-            train, val = raw["train"], raw["val"]
-        else:
-            keep, held = stratified_holdout(raw["train"].labels, self.val_fraction, self.seed)
-            train, val = _take(raw["train"], keep), _take(raw["train"], held)
         if split == "train":
-            return _subset(train, self.max_train_samples, self.seed)
-        return self._check_labels(_subset(val, self.max_eval_samples, self.seed))
+            keep, _ = self._train_rows()
+            return self._check_labels(self._train_examples().take(keep))
+        source = self._source(split)
+        if source is not None:
+            ex = source.read(tf, lf, require_labels, lazy=self.streaming)
+        elif split == "val":
+            _, held = self._train_rows()
+            ex = (
+                self._train_examples().take(held) if not self.streaming else self._stream_rows(held)
+            )
+        else:
+            raise DataError(
+                f"{self._source('train').location}: no test split; set data.test_path (or data.data_files.test)"
+            )
+        return self._check_labels(
+            ex.take(stratified_subset(ex.labels, self.max_eval_samples, self.seed))
+        )
+
+    def _train_examples(self) -> Examples:
+        if self._train is None:
+            self._train = self._source("train").read(self.text_field, self.label_field)
+        return self._train
+
+    def _train_labels(self) -> list[str | None]:
+        """The train label column: from the loaded train split, or one scan of the stream."""
+        if self._train_label_column is None:
+            if self.streaming:
+                source = self._source("train")
+                self._train_label_column = scan_labels(
+                    source.stream(self.text_field, self.label_field),
+                    self.label_field,
+                    source.class_names(self.label_field),
+                    source.location,
+                )
+            else:
+                self._train_label_column = self._train_examples().labels
+        return self._train_label_column
+
+    def _train_rows(self) -> tuple[list[int], list[int]]:
+        """(training rows, held-out validation rows) of the train source; both modes use the same rule."""
+        labels = self._train_labels()
+        if self._source("val") is None:
+            keep, held = stratified_holdout(labels, self.val_fraction, self.seed)
+        else:
+            keep, held = list(range(len(labels))), []
+        subset = stratified_subset([labels[k] for k in keep], self.max_train_samples, self.seed)
+        return [keep[i] for i in subset], held
 
     def _check_labels(self, ex: Examples) -> Examples:
+        """Every label must be in the label map: a clear error naming the file and row otherwise."""
         known = set(self.label_names)
+        origin = "data.labels" if self._given_labels else "train"
         for i, lab in enumerate(ex.labels):
             if lab is not None and lab not in known:
-                where = f"{ex.source}:{ex.lines[i]}" if ex.lines else f"{ex.source}, row {i}"
+                near = [k for k in self.label_names if k.strip() == lab.strip()]
+                hint = (
+                    f" (it differs from {near[0]!r} only in surrounding whitespace)" if near else ""
+                )
                 raise DataError(
-                    f"{where}: label {lab!r} does not occur in train; known labels: {self.label_names}"
+                    f"{ex.where(i)}: label {lab!r} does not occur in {origin}{hint}; known labels: {self.label_names}"
                 )
         return ex
 
@@ -199,25 +285,75 @@ class TextClassificationDataModule(L.LightningDataModule):
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
         return RowDataset(self.splits[split].texts, self.label_ids(split))
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, shuffle: bool = False, sampler=None) -> DataLoader:
         collate = Collator(self.tokenizers() if self.features == "online" else None)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
         )
 
-    def _stream_source(self):
-        import datasets
-
-        files = split_files(self.dataset, self.data_dir)
-        if files is None:
-            return datasets.load_dataset(self.dataset, split="train", streaming=True)
-        return datasets.load_dataset(
-            "json", data_files=str(files["train"]), split="train", streaming=True
+    def _stream_loader(self) -> StreamLoader:
+        """The training stream: held-out and unsampled rows dropped, reshuffled each epoch."""
+        source = self._source("train")
+        keep = None
+        if self._source("val") is None or self.max_train_samples is not None:
+            keep = bytearray(len(self._train_labels()))
+            for i in self._train_rows()[0]:
+                keep[i] = 1
+        stream = ShardedStream(
+            source.stream(self.text_field, self.label_field),
+            self.label_names,
+            self.text_field,
+            self.label_field,
+            self.seed,
+            keep=keep,
+            class_names=source.class_names(self.label_field),
+            name=source.location,
         )
+        return StreamLoader(
+            stream,
+            epoch=lambda: self.trainer.current_epoch if self.trainer is not None else None,
+            batch_size=self.batch_size,
+            collate_fn=Collator(self.tokenizers()),
+            num_workers=self.num_workers,
+        )
+
+    def _stream_rows(self, rows: list[int]) -> Examples:
+        """Rows of the train stream (the held-out validation rows), read in one pass."""
+        source = self._source("train")
+        return read_rows(
+            source.stream(self.text_field, self.label_field),
+            rows,
+            self.text_field,
+            self.label_field,
+            source.class_names(self.label_field),
+            source.location,
+        )
+
+
+class UnpaddedSampler(DistributedSampler):
+    """Rows `rank::world` of a map-style dataset, in order, without padding: ranks may differ by one row.
+
+    A `DistributedSampler` subclass, so Lightning injects none of its own; every rank must still get at
+    least one row (DDP syncs buffers on the first forward of an evaluation).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        if len(dataset) < num_replicas:
+            raise DataError(
+                f"an evaluation split of {len(dataset)} row(s) cannot give each of {num_replicas} processes a row; "
+                "evaluate on fewer devices"
+            )
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class RowDataset(Dataset):
@@ -257,15 +393,3 @@ class Collator:
                     "attention_mask": enc["attention_mask"],
                 }
         return batch
-
-
-def _take(ex: Examples, rows: list[int]) -> Examples:
-    lines = [ex.lines[i] for i in rows] if ex.lines else None
-    return Examples([ex.texts[i] for i in rows], [ex.labels[i] for i in rows], ex.source, lines)
-
-
-def _subset(ex: Examples, n: int | None, seed: int) -> Examples:
-    """A seeded subset of `n` rows (in their original order), or everything."""
-    if n is None or n >= len(ex):
-        return ex
-    return _take(ex, sorted(random.Random(seed).sample(range(len(ex)), n)))

@@ -1,16 +1,29 @@
-"""Where a dataset's splits come from: named datasets, local `{split}.jsonl` directories, hub ids."""
+"""Where each split comes from (named datasets, local files or directories, `save_to_disk`, hub ids), and the
+row rules every mode shares: the held-out validation slice, the stratified subsets, the sorted label map."""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
-from layerfusion.data.jsonl import DataError, Examples, read_jsonl
+from layerfusion.data.readers import (
+    FORMATS,
+    DataError,
+    Examples,
+    class_names,
+    file_format,
+    load_file,
+    quiet_builders,
+    read_file,
+    to_examples,
+)
 from layerfusion.errors import ConfigError
 
 DATA_ENV = "LAYERFUSION_DATA"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
+SPLITS = ("train", "val", "test")
 
 # name -> file stem of each split; val None = held out from train (seeded, stratified).
 NAMED_DATASETS: dict[str, dict[str, str | None]] = {
@@ -21,56 +34,95 @@ NAMED_DATASETS: dict[str, dict[str, str | None]] = {
     "r8": {"train": "train", "val": None, "test": "test"},
     "r52": {"train": "train", "val": None, "test": "test"},
 }
-LOCAL_SPLIT_STEMS = {"train": ("train",), "val": ("dev", "validation", "val"), "test": ("test",)}
+# split -> the names it goes by in directories, `data_files` keys, DatasetDicts and hub datasets
+SPLIT_NAMES = {"train": ("train",), "val": ("validation", "dev", "val"), "test": ("test",)}
 
 
-def load_splits(
-    dataset: str, data_dir: str | None = None, text_field: str = "text", label_field: str = "label"
-) -> dict[str, Examples | None]:
-    """Load train / val / test (val or test may be None) of a named dataset, a local directory or a hub id."""
-    files = split_files(dataset, data_dir)
-    if files is not None:
-        return {
-            split: read_jsonl(path, text_field, label_field) if path is not None else None
-            for split, path in files.items()
-        }
-    return _load_hub(dataset, text_field, label_field)
+@dataclass(frozen=True)
+class SplitSource:
+    """One split: local files, a split of a `save_to_disk` directory, or a split of a hub dataset."""
 
+    kind: str  # "files" | "disk" | "hub"
+    location: str  # for messages: the file(s), directory or hub id
+    paths: tuple[Path, ...] = ()
+    key: str | None = None  # the split's name inside a DatasetDict / hub dataset
 
-def split_files(dataset: str, data_dir: str | None = None) -> dict[str, Path | None] | None:
-    """The local file of each split, or None when `dataset` is a hub id."""
-    if dataset in NAMED_DATASETS:
-        root = _named_root(dataset, data_dir)
-        stems = {k: (v,) if v else () for k, v in NAMED_DATASETS[dataset].items()}
-    elif Path(dataset).expanduser().is_dir():
-        root = Path(dataset).expanduser()
-        stems = LOCAL_SPLIT_STEMS
-    elif _looks_like_path(dataset) or "/" not in dataset:
-        raise DataError(
-            f"unknown dataset {dataset!r}: not a known name ({', '.join(NAMED_DATASETS)}), "
-            "not an existing directory of {split}.jsonl files, and not a hub id of the form 'org/name'"
-        )
-    else:
-        return None
-    files: dict[str, Path | None] = {}
-    for split, options in stems.items():
-        found = [
-            p
-            for stem in options
-            for p in (root / f"{stem}.jsonl", root / f"{stem}.jsonl.gz")
-            if p.is_file()
-        ]
-        files[split] = found[0] if found else None
-    if files["train"] is None:
-        raise DataError(
-            f"{root}: no train.jsonl (or train.jsonl.gz); a dataset directory needs at least a train split"
-        )
-    for split in ("val", "test"):
-        if files[split] is None and dataset in NAMED_DATASETS and NAMED_DATASETS[dataset][split]:
-            raise DataError(
-                f"{root}: missing {NAMED_DATASETS[dataset][split]}.jsonl for the {split} split of {dataset!r}"
+    def read(
+        self, text_field: str, label_field: str, require_labels: bool = True, lazy: bool = False
+    ) -> Examples:
+        """All rows of this split (`lazy`: a hub split is streamed, so no other split is downloaded)."""
+        if self.kind == "files":
+            parts = [read_file(p, text_field, label_field, require_labels) for p in self.paths]
+            return parts[0] if len(parts) == 1 else _concat(parts)
+        if self.kind == "hub" and lazy:
+            import datasets
+
+            stream = self.stream(text_field, label_field)
+            ds = datasets.Dataset.from_list(list(stream), features=stream.features)
+        else:
+            ds = self._dataset()
+        name = f"{self.location}[{self.key}]" if self.key else self.location
+        return to_examples(ds, name, text_field, label_field, require_labels)
+
+    def stream(self, text_field: str, label_field: str):
+        """This split as a `datasets.IterableDataset`, in file order (nothing read yet)."""
+        import datasets
+
+        if self.kind == "files":
+            streams = [
+                load_file(p, file_format(p), text_field, label_field, True) for p in self.paths
+            ]
+            return streams[0] if len(streams) == 1 else datasets.concatenate_datasets(streams)
+        if self.kind == "disk":
+            return self._dataset().to_iterable_dataset()
+        with quiet_builders():
+            return _hub_call(
+                self.location,
+                lambda: datasets.load_dataset(self.location, split=self.key, streaming=True),
             )
-    return files
+
+    def class_names(self, label_field: str) -> list[str] | None:
+        """ClassLabel names of the label column (save_to_disk and hub datasets), without reading rows."""
+        if self.kind == "files":
+            return None
+        features = (
+            self._dataset().features
+            if self.kind == "disk"
+            else self.stream(label_field, label_field).features
+        )
+        return class_names(features.get(label_field)) if features else None
+
+    def _dataset(self):
+        import datasets
+
+        if self.kind == "disk":
+            loaded = datasets.load_from_disk(self.location)
+            return loaded[self.key] if self.key else loaded
+        with quiet_builders():
+            return _hub_call(
+                self.location, lambda: datasets.load_dataset(self.location, split=self.key)
+            )
+
+
+def resolve_splits(
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    train_path: str | None = None,
+    val_path: str | None = None,
+    test_path: str | None = None,
+    data_files: dict[str, str | list[str]] | None = None,
+) -> dict[str, SplitSource | None]:
+    """The source of train / val / test (val or test None when absent); per-split paths override `dataset`."""
+    explicit = _explicit_files(train_path, val_path, test_path, data_files)
+    if dataset is None and explicit.get("train") is None:
+        dataset = "sst2"
+    out = _dataset_splits(dataset, data_dir) if dataset is not None else dict.fromkeys(SPLITS)
+    out.update(explicit)
+    if out["train"] is None:
+        raise ConfigError(
+            "no train split: set data.train_path (or data.data_files.train) or data.dataset"
+        )
+    return out
 
 
 def stratified_holdout(
@@ -79,13 +131,9 @@ def stratified_holdout(
     """Split row indices into (keep, held_out): a seeded, per-label `fraction` of each class is held out."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {fraction}")
-    by_label: dict[str | None, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_label.setdefault(label, []).append(i)
     rng = random.Random(seed)
     held: list[int] = []
-    for label in sorted(by_label, key=str):
-        rows = by_label[label]
+    for rows in _by_label(labels):
         rng.shuffle(rows)
         n_held = min(len(rows) - 1, max(1, round(len(rows) * fraction))) if len(rows) > 1 else 0
         held.extend(rows[:n_held])
@@ -93,12 +141,177 @@ def stratified_holdout(
     return [i for i in range(len(labels)) if i not in held_set], sorted(held)
 
 
-def sorted_labels(labels: list[str | None]) -> list[str]:
-    """Distinct labels, sorted (numerically when all are integers)."""
+def stratified_subset(labels: list[str | None], n: int | None, seed: int) -> list[int]:
+    """A seeded subset of `n` row indices (sorted) keeping each class's share (every class at least once
+    while `n` allows), or all rows when `n` is None or not smaller."""
+    if n is None or n >= len(labels):
+        return list(range(len(labels)))
+    groups = _by_label(labels)
+    rng = random.Random(seed)
+    for rows in groups:
+        rng.shuffle(rows)
+    # shares by largest remainder, then every class at least once (taken from the largest quotas)
+    exact = [n * len(rows) / len(labels) for rows in groups]
+    quota = [int(x) for x in exact]
+    by_remainder = sorted(range(len(groups)), key=lambda g: (quota[g] - exact[g], g))
+    for g in by_remainder[: n - sum(quota)]:
+        quota[g] += 1
+    for g in sorted(range(len(groups)), key=lambda g: (-len(groups[g]), g)):
+        if quota[g] == 0:
+            donor = max(range(len(groups)), key=lambda d: (quota[d], -d))
+            if quota[donor] <= 1:
+                break
+            quota[donor] -= 1
+            quota[g] = 1
+    return sorted(i for g, rows in enumerate(groups) for i in rows[: quota[g]])
+
+
+def sorted_labels(labels) -> list[str]:
+    """Distinct labels, sorted (numerically when all are integers, ties such as "1" / "01" by text)."""
     distinct = {lab for lab in labels if lab is not None}
+    by_stripped: dict[str, str] = {}
+    for lab in sorted(distinct):
+        other = by_stripped.setdefault(lab.strip(), lab)
+        if other != lab:
+            raise DataError(
+                f"labels {other!r} and {lab!r} differ only in surrounding whitespace; "
+                "make them one label in the data (or list the intended labels in data.labels)"
+            )
     if all(lab.lstrip("-").isdigit() for lab in distinct):
-        return sorted(distinct, key=int)
+        return sorted(distinct, key=lambda lab: (int(lab), lab))
     return sorted(distinct)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _explicit_files(train_path, val_path, test_path, data_files) -> dict[str, SplitSource]:
+    out: dict[str, SplitSource] = {}
+    for key, value in (data_files or {}).items():
+        split = next((s for s, names in SPLIT_NAMES.items() if key in names), None)
+        if split is None:
+            raise ConfigError(
+                f"data.data_files: unknown split {key!r}; use train, validation (or dev, val) and test"
+            )
+        out[split] = path_source(value, f"data.data_files.{key}")
+    for split, value in (("train", train_path), ("val", val_path), ("test", test_path)):
+        if value is not None:
+            if split in out:
+                raise ConfigError(
+                    f"data.{split}_path and data.data_files both give the {split} split"
+                )
+            out[split] = path_source(value, f"data.{split}_path")
+    return out
+
+
+def path_source(value: str | list[str], key: str) -> SplitSource:
+    """A split from a file, a list of files, or a `Dataset.save_to_disk` directory."""
+    values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    paths = tuple(Path(v).expanduser() for v in values)
+    if not paths:
+        raise ConfigError(f"{key}: no files given")
+    for path in paths:
+        if len(paths) == 1 and (path / "state.json").is_file():
+            return SplitSource("disk", str(path))
+        if not path.is_file():
+            raise DataError(f"{path}: no such file (from {key})")
+        file_format(path)
+    return SplitSource("files", ", ".join(map(str, paths)), paths)
+
+
+def _dataset_splits(dataset: str, data_dir: str | None) -> dict[str, SplitSource | None]:
+    if dataset in NAMED_DATASETS:
+        root = _named_root(dataset, data_dir)
+        out = {}
+        for split, stem in NAMED_DATASETS[dataset].items():
+            if stem is None:
+                out[split] = None
+                continue
+            found = _split_files(root, (stem,))
+            if found is None:
+                raise DataError(
+                    f"{root}: missing {stem}.jsonl for the {split} split of {dataset!r}"
+                )
+            out[split] = found
+        return out
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        return _directory_splits(path)
+    if path.is_file():
+        return {"train": path_source(dataset, "data.dataset"), "val": None, "test": None}
+    if (
+        dataset.startswith((".", "/", "~"))
+        or Path(dataset).suffix.lower() in (*FORMATS, ".gz")
+        or "/" not in dataset
+    ):
+        raise DataError(
+            f"unknown dataset {dataset!r}: not a known name ({', '.join(NAMED_DATASETS)}), "
+            "not an existing file or directory, and not a hub id of the form 'org/name'"
+        )
+    return _hub_splits(dataset)
+
+
+def _directory_splits(root: Path) -> dict[str, SplitSource | None]:
+    """A `save_to_disk` directory (DatasetDict or Dataset), or `{train,dev|validation|val,test}.{jsonl,csv,...}`."""
+    if (root / "dataset_dict.json").is_file():
+        import json
+
+        keys = json.loads((root / "dataset_dict.json").read_text())["splits"]
+        out = {
+            split: next((SplitSource("disk", str(root), key=k) for k in names if k in keys), None)
+            for split, names in SPLIT_NAMES.items()
+        }
+        if out["train"] is None:
+            raise DataError(f"{root}: the saved DatasetDict has no 'train' split (splits: {keys})")
+        return out
+    if (root / "state.json").is_file():
+        return {"train": SplitSource("disk", str(root)), "val": None, "test": None}
+    out = {split: _split_files(root, names) for split, names in SPLIT_NAMES.items()}
+    if out["train"] is None:
+        raise DataError(
+            f"{root}: no train file; a dataset directory needs train.jsonl (or .json, .csv, .tsv, .parquet, "
+            "text formats optionally .gz), or a directory written by save_to_disk"
+        )
+    return out
+
+
+def _split_files(root: Path, stems: tuple[str, ...]) -> SplitSource | None:
+    found = [
+        root / f"{stem}{ext}{gz}"
+        for stem in stems
+        for ext in FORMATS
+        for gz in ("", ".gz")
+        if (root / f"{stem}{ext}{gz}").is_file() and not (ext == ".parquet" and gz)
+    ]
+    if len(found) > 1:
+        raise DataError(
+            f"{root}: {len(found)} files for one split ({', '.join(p.name for p in found)}); keep one, "
+            "or name them in data.data_files"
+        )
+    return SplitSource("files", str(found[0]), (found[0],)) if found else None
+
+
+def _hub_splits(dataset: str) -> dict[str, SplitSource | None]:
+    import datasets
+
+    with quiet_builders():
+        keys = _hub_call(dataset, lambda: datasets.get_dataset_split_names(dataset))
+    out = {
+        split: next((SplitSource("hub", dataset, key=k) for k in names if k in keys), None)
+        for split, names in SPLIT_NAMES.items()
+    }
+    if out["train"] is None:
+        raise DataError(f"hub dataset {dataset!r} has no 'train' split (splits: {keys})")
+    return out
+
+
+def _hub_call(dataset: str, fn):
+    try:
+        return fn()
+    except Exception as err:  # datasets raises many types; the user needs the id and the cause
+        raise DataError(
+            f"cannot load hub dataset {dataset!r}: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _named_root(name: str, data_dir: str | None) -> Path:
@@ -114,41 +327,24 @@ def _named_root(name: str, data_dir: str | None) -> Path:
     return BUNDLED_DIR / name
 
 
-def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.endswith((".jsonl", ".json", ".gz"))
+def _by_label(labels: list[str | None]) -> list[list[int]]:
+    """Row indices grouped by label, groups in sorted label order."""
+    by_label: dict[str | None, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    return [by_label[k] for k in sorted(by_label, key=str)]
 
 
-def _load_hub(dataset: str, text_field: str, label_field: str) -> dict[str, Examples | None]:
-    """Load a hub dataset through `datasets`, keeping train / validation / test."""
-    import datasets
+def _concat(parts: list[Examples]) -> Examples:
+    """One split from several files: `where` names the file of each row."""
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
 
-    try:
-        dd = datasets.load_dataset(dataset)
-    except Exception as err:  # datasets raises many types; the user needs the id and the cause
-        raise DataError(
-            f"cannot load hub dataset {dataset!r}: {type(err).__name__}: {err}"
-        ) from err
-    names = {"train": ("train",), "val": ("validation", "dev", "val"), "test": ("test",)}
-    out: dict[str, Examples | None] = {}
-    for split, options in names.items():
-        key = next((k for k in options if k in dd), None)
-        out[split] = (
-            _hub_examples(dd[key], f"{dataset}[{key}]", text_field, label_field) if key else None
-        )
-    if out["train"] is None:
-        raise DataError(f"hub dataset {dataset!r} has no 'train' split (splits: {list(dd)})")
-    return out
+    def locate(row: int) -> str:
+        k = max(i for i, o in enumerate(offsets[:-1]) if o <= row)
+        return parts[k].where(row - offsets[k])
 
-
-def _hub_examples(ds, source: str, text_field: str, label_field: str) -> Examples:
-    """Convert one `datasets.Dataset` split into Examples (ClassLabel ids become their names)."""
-    for field in (text_field, label_field):
-        if field not in ds.column_names:
-            raise DataError(f"{source}: missing column {field!r} (columns: {ds.column_names})")
-    feature = ds.features[label_field]
-    names = getattr(feature, "names", None)
-    labels = [
-        None if lab is None or (names and lab < 0) else (names[lab] if names else str(lab))
-        for lab in ds[label_field]
-    ]
-    return Examples(list(ds[text_field]), labels, source)
+    texts = [t for p in parts for t in p.texts]
+    labels = [lab for p in parts for lab in p.labels]
+    return Examples(texts, labels, ", ".join(p.source for p in parts), locate)
