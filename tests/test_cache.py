@@ -186,3 +186,69 @@ def test_entry_with_more_layers_serves_fewer_and_fewer_never_serve_more(tmp_path
     deep = shallow_cache.load_or_build(encoder, TEXTS, "train")
     assert shallow_cache.last_build_seconds > 0  # two layers cannot serve three
     assert torch.equal(deep, full)
+
+
+def _fit_module(tmp_path, tiny_models, data_dir, layers, callbacks=(), **trainer_kw):
+    import lightning as L
+
+    from layerfusion.data.datamodule import TextClassificationDataModule
+    from layerfusion.module import LayerFusionModule
+
+    L.seed_everything(0)
+    specs = [EncoderSpec(tiny_models["bert"], max_length=16, alias="bert")]
+    dm = TextClassificationDataModule(dataset=str(data_dir), encoders=specs, batch_size=32)
+    model = LayerFusionModule(
+        specs, label_names=dm.label_names, layers=layers, cache_dir=str(tmp_path / "cache")
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **trainer_kw,
+    )
+    trainer.fit(model, dm)
+    return trainer, model, dm
+
+
+def _cached_layer_counts(root) -> dict[str, list[int]]:
+    counts: dict[str, list[int]] = {}
+    for p in sorted(root.rglob("manifest.json")):
+        key = json.loads(p.read_text())["key"]
+        counts.setdefault(key["split"], []).append(key["layers"])
+    return counts
+
+
+@pytest.mark.slow
+def test_module_extracts_up_to_the_deepest_selected_layer(tmp_path, tiny_models, sst2_slice):
+    """A fixed selection ending at layer 1 of 0..2: train/val/test stop there; LayerImportance (which
+    scores every layer) gets all layers of train/val; a checkpoint restoring a deeper selection after
+    setup gets the missing layers extracted."""
+    from layerfusion.callbacks import LayerImportance
+
+    trainer, model, dm = _fit_module(tmp_path / "a", tiny_models, sst2_slice, {"bert": [1]})
+    trainer.test(model, dm, verbose=False)
+    assert _cached_layer_counts(tmp_path / "a") == {"train": [2], "val": [2], "test": [2]}
+
+    scoring = LayerImportance(attention_samples=0, max_iter=5, dirpath=str(tmp_path / "imp"))
+    trainer, model, dm = _fit_module(
+        tmp_path / "b", tiny_models, sst2_slice, {"bert": [1]}, [scoring]
+    )
+    assert [(r.encoder, r.layer) for r in scoring.table] == [("bert", i) for i in range(3)]
+    trainer.test(model, dm, verbose=False)
+    assert _cached_layer_counts(tmp_path / "b") == {"train": [3], "val": [3], "test": [2]}
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
+    _fit_module(tmp_path / "c", tiny_models, sst2_slice, {"bert": [0, 2]}, [ckpt])
+    _, shallow, dm = _fit_module(tmp_path / "d", tiny_models, sst2_slice, {"bert": [1]})
+    again = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    metrics = again.validate(shallow, dm, ckpt_path=ckpt.best_model_path, verbose=False)[0]
+    assert shallow.selection == {"bert": [0, 2]}
+    assert _cached_layer_counts(tmp_path / "d") == {"train": [2], "val": [2, 3]}
+    assert metrics["val_acc"] == pytest.approx(ckpt.best_model_score.item())
