@@ -314,8 +314,36 @@ class LayerFusionModule(L.LightningModule):
                 f"checkpoint has a {meta['head']!r} head; this run is configured with model.head={self.hparams.head!r}"
             )
         if meta["selection"] != self.selection:
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            if strategy is not None and strategy.restore_checkpoint_after_setup:
+                # FSDP & co. restore after wrapping the model and building the optimizer: a head rebuilt
+                # now would be outside both (it would never train, and the loaded weights miss it)
+                self.check_checkpoint_head(checkpoint)
             log.info("restoring layer selection from checkpoint: %s", meta["selection"])
             self.set_selection(meta["selection"])
+
+    def check_checkpoint_head(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint whose head reads other layers than this module's head, or whose weights are
+        not exactly this head's: for strategies that load a checkpoint into the wrapped model (FSDP), where
+        the head can no longer be rebuilt."""
+        meta = checkpoint.get("layerfusion") or {}
+        strategy = (
+            type(self._trainer.strategy).__name__ if self._trainer is not None else "this strategy"
+        )
+        if meta.get("selection") is not None and meta["selection"] != self.selection:
+            raise ConfigError(
+                f"checkpoint's head reads layers {meta['selection']}; this run's head reads "
+                f"{self.selection}. {strategy} restores checkpoints after it has wrapped the model, "
+                f"too late to rebuild the head: set model.layers to {meta['selection']} (and leave out "
+                "LayerSelection) to resume or evaluate this checkpoint"
+            )
+        ours = set(self.state_dict())
+        theirs = set(checkpoint.get("state_dict", {}))
+        if theirs != ours:
+            raise ConfigError(
+                f"checkpoint weights {sorted(theirs ^ ours)[:4]} do not match this run's head; "
+                "it was not written by layerfusion for this model"
+            )
 
     def _encoder_ids(self) -> dict[str, dict]:
         """What identifies each encoder in a checkpoint: name, weight hash, depth."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -39,6 +40,24 @@ class FrozenEncoderFSDPStrategy(FSDPStrategy):
             state_dict_type=state_dict_type,
             **kwargs,
         )
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Check a layerfusion checkpoint against the module before FSDP loads it into the wrapped model.
+
+        FSDP loads the weights here, into the already wrapped model and bypassing the module's own
+        `load_state_dict`: a head over other layers cannot be rebuilt any more (clear error instead), and
+        the head-only state dict is loaded non-strictly once its keys are checked to be the head's."""
+        module = self.lightning_module
+        path = Path(checkpoint_path)
+        if path.is_file() and hasattr(module, "check_checkpoint_head"):
+            meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            module.check_checkpoint_head(meta)
+            strict, module.strict_loading = module.strict_loading, False
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            finally:
+                module.strict_loading = strict
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
 
 @functools.cache

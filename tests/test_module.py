@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from layerfusion.data.datamodule import TextClassificationDataModule
 from layerfusion.encoders.frozen import EncoderSpec
@@ -160,3 +161,43 @@ def test_bf16_mixed_trains_on_cpu(tmp_path, tiny_models, sst2_slice):
     changed = [n for n in trainable if not torch.equal(model.head.state_dict()[n], before[n])]
     assert changed == trainable  # every head parameter took optimizer steps
     assert all(p.dtype == torch.float32 for p in model.head.parameters())  # fp32 master weights
+
+
+class RestoreAfterSetup(SingleDeviceStrategy):
+    """A single-device strategy that, like FSDP, restores a checkpoint only after it has set the model up."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def test_other_selection_is_refused_where_the_strategy_restores_after_setup(
+    tmp_path, tiny_models, sst2_slice
+):
+    L.seed_everything(0)
+    dm, model = _build(tiny_models, sst2_slice, tmp_path / "cache")
+    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    ckpt = tmp_path / "all_layers.ckpt"
+    trainer.save_checkpoint(ckpt)
+    expected = r"checkpoint's head reads layers .*too late to rebuild the head: set model.layers"
+
+    # resuming with another selection would rebuild the head after the optimizer was built: refused
+    dm2, other = _build(
+        tiny_models, sst2_slice, tmp_path / "cache", layers={"bert": [1], "gpt2": [2]}
+    )
+    late = _trainer(tmp_path, max_epochs=2, strategy=RestoreAfterSetup(torch.device("cpu")))
+    with pytest.raises(ConfigError, match=expected):
+        late.fit(other, dm2, ckpt_path=ckpt)
+    # the FSDP preset checks before FSDP loads the weights into the wrapped model
+    from layerfusion.strategies import FrozenEncoderFSDPStrategy
+
+    fsdp = FrozenEncoderFSDPStrategy()
+    fsdp._lightning_module = other
+    with pytest.raises(ConfigError, match=expected):
+        fsdp.load_checkpoint(ckpt)
+    # the same selection restores as usual under that ordering
+    dm3, same = _build(tiny_models, sst2_slice, tmp_path / "cache")
+    late = _trainer(tmp_path, max_epochs=2, strategy=RestoreAfterSetup(torch.device("cpu")))
+    late.fit(same, dm3, ckpt_path=ckpt)
+    assert late.current_epoch == 2 and same.selection == model.selection
