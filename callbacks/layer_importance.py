@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -28,9 +30,11 @@ from layerfusion.importance import (
     write_table,
 )
 from layerfusion.importance.scores import __doc__ as SCORE_FORMULA
-from layerfusion.tracking import log_image, log_metrics, log_table
+from layerfusion.importance.scores import jsonable, row_from_dict
+from layerfusion.tracking import log_image, log_metrics, log_table, write_json
 
 log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
 
 
 class LayerImportance(Callback):
@@ -68,6 +72,10 @@ class LayerImportance(Callback):
         dirpath: where to write the table (default: `trainer.default_root_dir`, the run directory, as
             `RunReport` does).
         filename: file stem of the table (`<filename>.csv`, `<filename>.json`).
+        cache: reuse the components scored before under the same inputs: the feature cache keys of the
+            train and dev splits (encoder weights, tokenizer, texts, ...), their labels, the scoring
+            settings above and the seed. Stored beside the feature cache (`model.cache_dir/importance`);
+            a corrupt or mismatched entry is rebuilt. The weights are applied afresh on every read.
     """
 
     def __init__(
@@ -82,8 +90,16 @@ class LayerImportance(Callback):
         seed: int = 0,
         dirpath: str | None = None,
         filename: str = "importance",
+        cache: bool = True,
     ) -> None:
         self.weights = check_weights(weights)
+        if attention_samples == 0 and not any(
+            w for c, w in self.weights.items() if c != "attention_entropy"
+        ):
+            raise ConfigError(
+                "LayerImportance: attention_samples=0 switches attention entropy off, and every other "
+                f"component has weight 0 ({self.weights}): no layer could be scored"
+            )
         if l2 < 0:
             raise ConfigError(f"LayerImportance: l2 must be >= 0, got {l2}")
         for name, value, low in (
@@ -112,6 +128,8 @@ class LayerImportance(Callback):
         )
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.dirpath, self.filename = dirpath, filename
+        self.cache = bool(cache)
+        self.cache_path: Path | None = None  # the scores' entry in the cache (set by `compute`)
         self.table: list[LayerScore] | None = None
         self.seconds: dict[str, float] = {}
         self.paths: tuple[Path, Path] | None = None
@@ -180,8 +198,19 @@ class LayerImportance(Callback):
             s: pl_module.features.get(s) or pl_module.extract_split(dm.texts(s), s)
             for s in ("train", "val")
         }
+        key = self._key(pl_module, dm, device)
+        cached = self._read_cache(pl_module, key) if trainer.is_global_zero and self.cache else None
+        cached = strategy.broadcast(cached, src=0)
+        if cached is not None:
+            self.table = combine(cached, self.weights)
+            self.seconds = {}
+            self._fresh = True
+            log.info(
+                "layer importance from the cache (%s): %s", self.cache_path, _summary(self.table)
+            )
+            return self.table
         train_y_all = torch.tensor(dm.label_ids("train"), dtype=torch.long)
-        rows = self._train_rows(len(train_y_all))
+        rows = self._train_rows(train_y_all)
         train_y, dev_y = (
             train_y_all[rows].to(device),
             torch.tensor(dm.label_ids("val"), dtype=torch.long, device=device),
@@ -239,15 +268,78 @@ class LayerImportance(Callback):
         ]
         self.table = strategy.broadcast(combine(table, self.weights), src=0)
         self._fresh = True
+        if trainer.is_global_zero and self.cache:
+            write_json(
+                self.cache_path, {"key": key, "rows": [jsonable(asdict(r)) for r in self.table]}
+            )
         log.info("layer importance (%.1f s): %s", sum(self.seconds.values()), _summary(self.table))
         return self.table
 
-    def _train_rows(self, n: int) -> torch.Tensor:
-        """The train rows scored: all, or a seeded subset of `max_train_rows` (in row order)."""
+    def _train_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """The train rows scored: all, or a seeded subset of `max_train_rows` stratified by class (in row order)."""
+        n = len(labels)
         if self.max_train_rows is None or self.max_train_rows >= n:
             return torch.arange(n)
-        g = torch.Generator().manual_seed(self.seed)
-        return torch.randperm(n, generator=g)[: self.max_train_rows].sort().values
+        return stratified_rows(labels, self.max_train_rows, self.seed)
+
+    def _key(self, pl_module, dm, device: torch.device) -> dict:
+        """Everything the scores depend on (the combined score's weights are applied after reading)."""
+        # the feature cache's keys name what the features depend on (weights, tokenizer, texts, ...);
+        # the spec adds the encoder's settings as configured (e.g. its compute precision)
+        features = {
+            e: {
+                "spec": asdict(enc.spec),
+                **{s: pl_module.cache.key(enc, dm.texts(s), s) for s in ("train", "val")},
+            }
+            for e, enc in pl_module.encoders.items()
+        }
+        labels = {
+            s: hashlib.sha256(json.dumps(dm.label_ids(s)).encode()).hexdigest()
+            for s in ("train", "val")
+        }
+        settings = {
+            k: getattr(self, k)
+            for k in (
+                "l2",
+                "max_iter",
+                "max_train_rows",
+                "attention_samples",
+                "attention_batch_size",
+                "batch_size",
+                "seed",
+            )
+        }
+        return {
+            "format": CACHE_FORMAT,
+            "features": features,
+            "labels": labels,
+            "label_names": list(pl_module.label_names),
+            "settings": settings,
+            "device": device.type,
+        }
+
+    def _read_cache(self, pl_module, key: dict) -> list[LayerScore] | None:
+        """The cached components for `key`, or None (a damaged or mismatched entry is reported and rebuilt)."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        self.cache_path = Path(pl_module.cache.root) / "importance" / f"{digest}.json"
+        if not self.cache_path.is_file():
+            return None
+        try:
+            entry = json.loads(self.cache_path.read_text(encoding="utf-8"))
+            if entry["key"] != key:
+                raise ValueError("its key differs from this run's")
+            rows = [row_from_dict(r) for r in entry["rows"]]
+            expected = [
+                (e, i) for e, enc in pl_module.encoders.items() for i in range(enc.num_layers)
+            ]
+            if [(r.encoder, r.layer) for r in rows] != expected:
+                raise ValueError("its rows are not this run's encoders and layers")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning(
+                "importance cache entry %s is unusable (%s): scoring again", self.cache_path, err
+            )
+            return None
+        return rows
 
     def _attention_entropy(
         self, trainer, pl_module, texts: list[str], rows: torch.Tensor, device
@@ -263,9 +355,27 @@ class LayerImportance(Callback):
             if self.attention_samples == 0:
                 out[key] = torch.full((encoder.num_layers,), math.nan, dtype=torch.float64)
                 continue
-            sums, count = encoder_attention_entropy(
-                encoder, [texts[i] for i in mine], self.attention_batch_size, device
+            failure = None
+            try:
+                sums, count = encoder_attention_entropy(
+                    encoder, [texts[i] for i in mine], self.attention_batch_size, device
+                )
+            except RuntimeError as err:  # stop every rank, not only those that hold texts
+                failure, sums = (
+                    err,
+                    torch.zeros(encoder.num_layers, dtype=torch.float64, device=device),
+                )
+                count = torch.zeros((), dtype=torch.float64, device=device)
+            failed = trainer.strategy.reduce(
+                torch.tensor(failure is not None, dtype=torch.float64, device=device),
+                reduce_op="sum",
             )
+            if failed > 0:
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(
+                    f"attention entropy of encoder {key!r} failed on another rank (see its error)"
+                )
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
             count = trainer.strategy.reduce(count, reduce_op="sum")
             mean = (sums / count).cpu() if count > 0 else torch.full_like(sums, math.nan).cpu()
@@ -295,3 +405,24 @@ def _summary(table: list[LayerScore]) -> str:
         best = sorted((r for r in table if r.encoder == e), key=lambda r: -r.score)[:3]
         parts.append(f"{e}: " + ", ".join(f"L{r.layer}={r.score:.2f}" for r in best))
     return "; ".join(parts)
+
+
+def stratified_rows(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded subset of `n` row indices (sorted) with each class's share of `labels`, every class kept
+    while `n` allows (largest remainders fill up to exactly `n`)."""
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * n / len(labels)
+    take = exact.floor().long().clamp_min(1 if n >= len(classes) else 0).minimum(counts)
+    order = (exact - exact.floor()).argsort(descending=True, stable=True).tolist()
+    while take.sum() < n:  # hand out the remaining rows by the largest remainders, then round-robin
+        for i in order:
+            if take.sum() < n and take[i] < counts[i]:
+                take[i] += 1
+    while take.sum() > n:  # the floor of one row per class overshot: trim the largest classes
+        take[take.argmax()] -= 1
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = (labels == c).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picked).sort().values

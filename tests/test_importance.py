@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from layerfusion.callbacks import LayerImportance, LayerSelection
+from layerfusion.callbacks.layer_importance import stratified_rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from layerfusion.data.datamodule import TextClassificationDataModule
@@ -35,6 +36,7 @@ from layerfusion.importance import (
     select_fixed,
     select_top_k,
     standardise,
+    write_table,
 )
 from layerfusion.module import LayerFusionModule
 
@@ -147,6 +149,51 @@ def test_combined_score_is_the_documented_formula():
     assert all(0 <= r.score <= 1 for r in rows)
 
 
+def test_minmax_treats_float_noise_as_a_tie():
+    assert minmax([0.9, 0.9 + 1e-9, 0.9]) == [0.5, 0.5, 0.5]  # not [0, 1, 0]
+    assert minmax([2e6, 2e6 + 1.0, 2e6]) == [0.5, 0.5, 0.5]  # relative: large values too
+    assert minmax([0.9, 0.91, 0.9]) == [0.0, pytest.approx(1.0), 0.0]  # a real difference stays
+
+
+def test_scores_need_a_measured_component():
+    # entropy is the only weighted component, and it was not measured (attention_samples=0)
+    rows = _rows("a", [1.0, 2.0], [math.nan, math.nan], [0.5, 0.6])
+    with pytest.raises(
+        ConfigError, match=r"no layer of encoder 'a' could be scored.*attention_entropy"
+    ):
+        combine(rows, {"probe_acc": 0.0, "grad_norm": 0.0, "attention_entropy": -0.25})
+    with pytest.raises(ConfigError, match="attention_samples=0 switches attention entropy off"):
+        LayerImportance(attention_samples=0, weights={"probe_acc": 0, "grad_norm": 0})
+
+
+def test_table_files_are_replaced_whole(tmp_path):
+    rows = combine(_rows("a", [1.0, 2.0], [math.nan, 1.0], [0.5, 0.7]), {"probe_acc": 1.0})
+    csv_path, json_path = write_table(rows, tmp_path, meta={"run": 1})
+    before = (csv_path.read_bytes(), json_path.read_bytes())
+    with pytest.raises(TypeError):  # a failed write (here: meta JSON cannot encode) changes nothing
+        write_table(rows[:1], tmp_path, meta={"run": object()})
+    assert (csv_path.read_bytes(), json_path.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["importance.csv", "importance.json"]
+    assert [r.probe_acc for r in read_table(csv_path)] == [0.5, 0.7]
+    assert json.loads(json_path.read_text())["run"] == 1
+
+
+def test_scored_train_subset_is_stratified():
+    # 1000 rows, class 2 is rare (5 rows): a plain random 50-row subset often loses it
+    labels = torch.tensor([0] * 600 + [1] * 395 + [2] * 5)[
+        torch.randperm(1000, generator=torch.Generator().manual_seed(3))
+    ]
+    for seed in range(20):
+        rows = stratified_rows(labels, 50, seed)
+        assert len(rows) == 50 and len(set(rows.tolist())) == 50
+        assert rows.tolist() == sorted(rows.tolist())
+        counts = torch.bincount(labels[rows], minlength=3).tolist()
+        assert counts[2] >= 1 and abs(counts[0] - 30) <= 1 and abs(counts[1] - 19.75) <= 1.25, (
+            counts
+        )
+    assert torch.equal(stratified_rows(labels, 50, 7), stratified_rows(labels, 50, 7))
+
+
 SCORES = {"a": {0: 0.1, 1: 0.9, 2: 0.4, 3: 0.4, 4: 0.2}, "b": {0: 0.0, 1: 0.3, 2: 0.7}}
 
 
@@ -240,7 +287,9 @@ def _fit(tmp_path, tiny_models, data_dir, cache, callbacks, **kw):
 
 
 def _importance(**kw):
-    return LayerImportance(attention_samples=24, attention_batch_size=8, max_iter=30, **kw)
+    """Scoring settings small enough for tiny models; not cached unless a test asks (each test scores)."""
+    kw = {"attention_samples": 24, "attention_batch_size": 8, "max_iter": 30, "cache": False, **kw}
+    return LayerImportance(**kw)
 
 
 def test_importance_table_selection_and_checkpoint_round_trip(
@@ -340,6 +389,54 @@ def test_importance_table_selection_and_checkpoint_round_trip(
     )
     plain.load_state_dict(saved["state_dict"])
     assert plain.selection == chosen
+
+
+def test_importance_is_cached_under_its_inputs(
+    tmp_path, tiny_models, sst2_slice, monkeypatch, caplog
+):
+    cache_dir = tmp_path / "cache"
+    fit = dict(limit_train_batches=1, limit_val_batches=1)
+    first = _importance(cache=True)
+    _fit(tmp_path / "1", tiny_models, sst2_slice, cache_dir, [first], **fit)
+    entries = list((cache_dir / "importance").glob("*.json"))
+    assert entries == [first.cache_path] and first.seconds["probe_acc"] > 0
+
+    # same inputs: read back, nothing scored (scoring would trip these)
+    def scored(*args, **kw):
+        raise AssertionError("scored again despite a valid cache entry")
+
+    with monkeypatch.context() as m:
+        m.setattr("layerfusion.callbacks.layer_importance.probe_accuracy", scored)
+        m.setattr("layerfusion.callbacks.layer_importance.encoder_attention_entropy", scored)
+        again = _importance(cache=True)
+        _fit(tmp_path / "2", tiny_models, sst2_slice, cache_dir, [again], **fit)
+        assert again.seconds == {}
+        assert _nan_safe(again.table) == _nan_safe(first.table)
+        # other weights: the same components, combined afresh
+        reweighted = _importance(cache=True, weights={"grad_norm": 0.0})
+        _fit(tmp_path / "3", tiny_models, sst2_slice, cache_dir, [reweighted], **fit)
+        expected = combine([LayerScore(**asdict(r)) for r in first.table], reweighted.weights)
+        assert [r.score for r in reweighted.table] == [r.score for r in expected]
+        assert [r.score for r in reweighted.table] != [r.score for r in first.table]
+
+    # another scoring setting is another entry; a corrupt entry is reported and rebuilt
+    other = _importance(cache=True, max_iter=20)
+    _fit(tmp_path / "4", tiny_models, sst2_slice, cache_dir, [other], **fit)
+    assert other.cache_path != first.cache_path and other.seconds
+    first.cache_path.write_text('{"key": ')
+    rebuilt = _importance(cache=True)
+    with caplog.at_level("WARNING"):
+        _fit(tmp_path / "5", tiny_models, sst2_slice, cache_dir, [rebuilt], **fit)
+    assert "importance cache entry" in caplog.text and "unusable" in caplog.text
+    assert rebuilt.seconds and json.loads(first.cache_path.read_text())["rows"]
+    assert [(r.encoder, r.layer, r.probe_acc) for r in rebuilt.table] == [
+        (r.encoder, r.layer, r.probe_acc) for r in first.table
+    ]
+
+
+def _nan_safe(table: list[LayerScore]) -> str:
+    """A table as JSON text: equal tables compare equal even with NaN cells."""
+    return json.dumps([asdict(r) for r in table])
 
 
 def _poison_test_split(src: Path, dst: Path) -> Path:

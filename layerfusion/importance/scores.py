@@ -3,7 +3,8 @@
 Combined score, per encoder e and layer l:
 
     n_c(l)   = (v_c(l) - min_e v_c) / (max_e v_c - min_e v_c)   min-max over e's layers where v_c is defined
-                                                                (0.5 for every layer when all are equal)
+                                                                (0.5 for every layer when all are equal up to
+                                                                a relative TIE_RTOL = 1e-5)
     t_c(l)   = n_c(l) if w_c >= 0 else 1 - n_c(l)               a negative weight prefers low values
     score(l) = sum_c |w_c| t_c(l) / sum_c |w_c|                 over the components c defined at l
 
@@ -15,6 +16,7 @@ components (the entropy weight drops out of numerator and denominator).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -84,16 +86,31 @@ def combine(rows: list[LayerScore], weights: dict[str, float]) -> list[LayerScor
                 num += abs(w) * (n if w > 0 else 1.0 - n)
                 den += abs(w)
             row.score = num / den if den else math.nan
+        if all(math.isnan(r.score) for r in own):
+            on = [c for c in COMPONENTS if weights.get(c, 0.0)]
+            raise ConfigError(
+                f"importance: no layer of encoder {encoder!r} could be scored: every component with a "
+                f"non-zero weight ({', '.join(on)}) is missing (NaN) for it; give a measured component a weight"
+            )
     return rows
 
 
+TIE_RTOL = 1e-5
+"""Values whose whole range is within this share of their magnitude are ties (float noise, not signal)."""
+
+
 def minmax(values: list[float]) -> list[float]:
-    """Min-max scale to [0, 1], NaN kept; all-equal values map to 0.5."""
+    """Min-max scale to [0, 1], NaN kept; values equal up to `TIE_RTOL` (relative) all map to 0.5.
+
+    Without the tolerance, summation-order noise (a DDP run against a single process) would be stretched
+    to the full [0, 1] range and could flip the ranking of near-tied layers.
+    """
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return [math.nan] * len(values)
     lo, hi = min(finite), max(finite)
-    return [v if math.isnan(v) else (0.5 if hi == lo else (v - lo) / (hi - lo)) for v in values]
+    tie = hi - lo <= TIE_RTOL * max(abs(lo), abs(hi))
+    return [v if math.isnan(v) else (0.5 if tie else (v - lo) / (hi - lo)) for v in values]
 
 
 def scores_by_encoder(rows: list[LayerScore]) -> dict[str, dict[int, float]]:
@@ -117,16 +134,19 @@ def write_table(
     meta: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write `<stem>.csv` (one row per layer, empty cell = NaN) and `<stem>.json` (`meta` + rows, NaN = null)."""
+    from layerfusion.tracking import write_text
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = directory / f"{stem}.csv", directory / f"{stem}.json"
-    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _cell(v) for k, v in asdict(r).items()})
-    payload = {**(meta or {}), "columns": COLUMNS, "rows": [_jsonable(asdict(r)) for r in rows]}
-    json_path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _cell(v) for k, v in asdict(r).items()})
+    payload = {**(meta or {}), "columns": COLUMNS, "rows": [jsonable(asdict(r)) for r in rows]}
+    text = json.dumps(payload, indent=1) + "\n"  # fails (if it does) before anything is written
+    # atomic, like the other run files: a killed run leaves the previous table or none, never half of one
+    csv_path = write_text(directory / f"{stem}.csv", buf.getvalue())
+    json_path = write_text(directory / f"{stem}.json", text)
     return csv_path, json_path
 
 
@@ -138,10 +158,12 @@ def read_table(path: str | Path) -> list[LayerScore]:
     else:
         with open(path, newline="", encoding="utf-8") as fh:
             raw = list(csv.DictReader(fh))
-    return [_row(r) for r in raw]
+    return [row_from_dict(r) for r in raw]
 
 
-def _row(raw: dict) -> LayerScore:
+def row_from_dict(raw: dict) -> LayerScore:
+    """A `LayerScore` from a CSV or JSON row (empty / null = NaN)."""
+
     def num(v) -> float:
         return math.nan if v in (None, "") else float(v)
 
@@ -162,5 +184,6 @@ def _cell(v):
     return v
 
 
-def _jsonable(row: dict) -> dict:
+def jsonable(row: dict) -> dict:
+    """A row dict with NaN as None (JSON has no NaN)."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
