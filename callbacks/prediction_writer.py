@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from layerfusion.tracking import gather_rows
+
 
 class PredictionWriter(BasePredictionWriter):
     """Write one JSON object per predicted row to `path` (rank 0 gathers every rank's rows).
@@ -29,21 +31,20 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         index = torch.cat([p["index"] for p in predictions]).cpu()
         probs = torch.cat([p["probs"] for p in predictions]).cpu()
-        if trainer.world_size > 1:
-            index = pl_module.all_gather(index.to(pl_module.device)).flatten(0, 1).cpu()
-            probs = pl_module.all_gather(probs.to(pl_module.device)).flatten(0, 1).cpu()
+        index, probs = gather_rows(pl_module, index), gather_rows(pl_module, probs)
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
         texts, gold, names = dm.texts("predict"), dm.splits["predict"].labels, pl_module.label_names
-        seen: set[int] = set()
+        if len(set(index.tolist())) != len(index):
+            raise RuntimeError(
+                f"predict gave {len(index)} predictions for {len(set(index.tolist()))} distinct rows: "
+                "a sampler repeated rows"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as fh:
             for i, p in sorted(zip(index.tolist(), probs.tolist())):
-                if i in seen:  # a DistributedSampler pads with repeated rows
-                    continue
-                seen.add(i)
                 row = {
                     "text": texts[i],
                     "label": names[max(range(len(p)), key=p.__getitem__)],

@@ -40,7 +40,7 @@ class ResourceMonitor(L.Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._examples["train"] += len(batch["labels"]) * trainer.world_size
+        self._examples["train"] += len(batch["labels"])
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
@@ -54,7 +54,7 @@ class ResourceMonitor(L.Callback):
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        self._examples["test"] += len(batch["labels"]) * trainer.world_size
+        self._examples["test"] += len(batch["labels"])
 
     @override
     def on_test_end(self, trainer, pl_module) -> None:
@@ -68,7 +68,7 @@ class ResourceMonitor(L.Callback):
     def on_predict_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        self._examples["predict"] += len(batch["labels"]) * trainer.world_size
+        self._examples["predict"] += len(batch["labels"])
 
     @override
     def on_predict_end(self, trainer, pl_module) -> None:
@@ -80,6 +80,10 @@ class ResourceMonitor(L.Callback):
 
     def _end(self, name: str, trainer: L.Trainer, pl_module, stage: str) -> None:
         seconds = time.perf_counter() - self._start[name]
+        # ranks may hold one row more or less (unpadded evaluation): add up what each one saw
+        mine = torch.tensor(self._examples[name], device=pl_module.device)
+        examples = int(trainer.strategy.reduce(mine, reduce_op="sum"))
+        self._examples[name] = examples
         figures = {
             "extract_s": float(sum(getattr(pl_module, "extract_seconds", {}).values())),
             f"{name}_s": seconds,

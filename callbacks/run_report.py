@@ -8,7 +8,15 @@ import torch
 from typing_extensions import override
 
 from layerfusion import plots
-from layerfusion.tracking import log_image, log_metrics, log_table, run_dir, write_csv, write_json
+from layerfusion.tracking import (
+    gather_rows,
+    log_image,
+    log_metrics,
+    log_table,
+    run_dir,
+    write_csv,
+    write_json,
+)
 
 
 class RunReport(L.Callback):
@@ -17,7 +25,7 @@ class RunReport(L.Callback):
 
     `run.json` describes the run (dataset, head, encoders, selected layers); `metrics_<split>` holds
     loss, accuracy, macro-F1, per-class F1 and the mean gate weight per encoder (gated head).
-    Rows are gathered from every rank and deduplicated by row index, so DDP padding does not count twice.
+    Rows are gathered from every rank (each row is evaluated on exactly one rank) and sorted by row index.
 
     Args:
         splits: which evaluation splits to report (`val`, `test`).
@@ -95,13 +103,15 @@ class RunReport(L.Callback):
     def _report(self, split: str, trainer: L.Trainer, pl_module) -> None:
         if split not in self.splits or not self._rows.get(split):
             return
-        rows = torch.cat(self._rows[split])
-        if trainer.world_size > 1:
-            rows = pl_module.all_gather(rows).flatten(0, 1)
+        rows = gather_rows(pl_module, torch.cat(self._rows[split]))
         if not trainer.is_global_zero:
             return
         rows = rows.cpu().numpy()
         _, first = np.unique(rows[:, 0], return_index=True)
+        if len(first) != len(rows):
+            raise RuntimeError(
+                f"{split}: {len(rows)} rows for {len(first)} row indices: rows repeated"
+            )
         rows = rows[first]
         names = pl_module.label_names
         matrix = np.zeros((len(names), len(names)), dtype=np.int64)

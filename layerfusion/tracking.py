@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 
@@ -16,6 +17,22 @@ def run_dir(trainer: L.Trainer) -> Path:
     path = Path(trainer.default_root_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's `rows [n_rank, ...]` concatenated in rank order, on every rank (counts may differ).
+
+    Unpadded evaluation gives ranks one row more or less; `all_gather` needs equal shapes, so each rank
+    pads to the largest count and the padding is cut off again. Call on every rank.
+    """
+    if pl_module.trainer.world_size == 1:
+        return rows
+    count = torch.tensor([len(rows)], device=pl_module.device)
+    counts = pl_module.all_gather(count).flatten().tolist()
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    gathered = pl_module.all_gather(padded.to(pl_module.device)).cpu()
+    return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
 
 def log_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:
