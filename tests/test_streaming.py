@@ -180,3 +180,63 @@ def test_lightning_epochs_reshuffle_the_stream(tmp_path):
     orders = [model.rows[e] for e in range(3)]
     assert all(sorted(o) == list(range(40)) for o in orders)
     assert len({tuple(o) for o in orders}) == 3  # three epochs, three orders
+
+
+RANK_SCRIPT = """
+import json, sys, torch.distributed as dist
+from layerfusion.data.datamodule import TextClassificationDataModule
+
+dist.init_process_group("gloo")
+dm = TextClassificationDataModule(
+    dataset=sys.argv[1], streaming=True, features="online", batch_size=8, num_workers=2
+)
+dm.setup("fit")
+loader = dm.train_dataloader()
+epochs = [[i for b in loader for i in b["index"].tolist()] for _ in range(2)]
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, {"epochs": epochs, "val": dm.splits["val"].rows})
+if dist.get_rank() == 0:
+    print(json.dumps(gathered))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_two_workers_each_share_the_stream(tmp_path):
+    """A real 2-process Gloo group, 2 DataLoader workers per rank: 4 slots, equal counts, no repeats, no
+    validation row, every train row but the `rows % 4` dropped at the end of each epoch's order."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    _write(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": str(i % 3)} for i in range(223)])
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    ranks = json.loads(outs[0][0])
+    val = ranks[0]["val"]
+    # 10 % of each class (75, 74, 74 rows) held out, the same rows on both ranks: 8 + 7 + 7
+    assert ranks[1]["val"] == val and len(val) == 22
+    for epoch in range(2):
+        rows = [ranks[r]["epochs"][epoch] for r in range(2)]
+        assert len(rows[0]) == len(rows[1]) == 100  # 201 training rows over 4 slots: 50 per worker
+        together = rows[0] + rows[1]
+        assert len(set(together)) == 200 and not set(together) & set(val)
+        assert set(together) <= set(range(223))
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]
