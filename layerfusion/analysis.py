@@ -140,13 +140,16 @@ def cka_matrix(layers: list[torch.Tensor], max_rows: int = 2000) -> np.ndarray:
     """Linear CKA between every pair of `[N, d]` representations of the same N rows (first `max_rows`).
 
     Computed from centred Gram matrices: CKA(X, Y) = <K, L>_F / (||K||_F ||L||_F), K = Xc Xc^T.
+    A representation that is the same for every row (e.g. a CLS token at layer 0) has no CKA: NaN.
     """
     grams = []
     for x in layers:
         x = x[:max_rows].double()
+        scale = x.abs().max().clamp_min(1.0)
         x = x - x.mean(0, keepdim=True)
         k = (x @ x.T).flatten()
-        grams.append(k / k.norm().clamp_min(1e-12))
+        constant = x.abs().max() <= 1e-9 * scale
+        grams.append(torch.full_like(k, math.nan) if constant else k / k.norm())
     g = torch.stack(grams)
     return (g @ g.T).clamp(-1, 1).numpy()
 
@@ -169,7 +172,7 @@ def write_cka(labels: list[str], matrix: np.ndarray, csv_path: Path, png_path: P
     from layerfusion.tracking import write_csv
 
     rows = [
-        {"a": a, "b": b, "cka": round(float(matrix[i, j]), 6)}
+        {"a": a, "b": b, "cka": None if math.isnan(matrix[i, j]) else round(float(matrix[i, j]), 6)}
         for i, a in enumerate(labels)
         for j, b in enumerate(labels)
     ]
@@ -252,7 +255,7 @@ def analyze(run_dirs: list[Path], out: Path, logger: str = "none") -> list[Path]
             labels, matrix, out / "cka.csv", out / "cka.png", "linear CKA, dev features"
         )
         written += [out / "cka.csv", out / "cka.png"]
-        images["cka"] = out / "cka.png"
+        images["cka_heatmap"] = out / "cka.png"
     if logger == "wandb":
         log_wandb("analyze", "analyze", {"agreement": rows, "cka": cka_rows}, images, out / "wandb")
     return written

@@ -249,14 +249,13 @@ def reproduce_dataset(
     for row in rows:
         for encs in [[k] for k in keys] if row.encoders == "*" else [keys]:
             layers = _layers(row, encs, selections, depth)
+            features = {k: {"val": str(entries[k][1]), "test": str(entries[k][2])} for k in encs}
             results = [
-                run_one(cfg, row, encs, layers, seed, runs / name / _row_id(row, encs), logger)
+                run_one(
+                    cfg, row, encs, layers, seed, runs / name / _row_id(row, encs), logger, features
+                )
                 for seed in seeds
             ]
-            for r in results:
-                r["features"] = {
-                    k: {"val": str(entries[k][1]), "test": str(entries[k][2])} for k in encs
-                }
             per_run += [{"dataset": name, **r} for r in results]
             table.append(
                 aggregate(
@@ -283,7 +282,7 @@ def reproduce_dataset(
             f"{name}-analysis",
             name,
             {"significance": table, "complementarity": pairs, "cka": cka_rows},
-            {"cka": out / "paper_cka" / f"{name}.png"},
+            {"cka_heatmap": out / "paper_cka" / f"{name}.png"},
             runs / name / "analysis",
         )
     return table, per_run, pairs
@@ -384,8 +383,11 @@ def run_one(
     seed: int,
     row_dir: Path,
     logger: str = "csv",
+    features: dict | None = None,
 ) -> dict:
-    """Train, validate and test one head; reuse its `result.json` when the resolved config is unchanged."""
+    """Train, validate and test one head; reuse its `result.json` when the resolved config is unchanged.
+
+    `features`: the feature-cache entries of the run's encoders (recorded for `layerfusion analyze`)."""
     run_dir = row_dir / f"seed{seed}"
     c = copy.deepcopy(cfg)
     by_key = {_spec_key(s): s for s in c["model"]["encoders"]}
@@ -425,6 +427,9 @@ def run_one(
         except ValueError:
             done = {}
         if done.get("settings") == settings:
+            if features is not None and done.get("features") != features:
+                done["features"] = features  # the cache moved: the run itself is still valid
+                write_json(result_path, done)
             return {**done, "reused": True}
     c["trainer"]["logger"] = _logger(logger, row_dir, seed)
     fit = _fit_linear_probe if row.head == "linear" else _fit_head
@@ -435,6 +440,7 @@ def run_one(
         "seed": seed,
         **fit(c, run_dir),
         "run_dir": str(run_dir),
+        "features": features or {},
         "settings": settings,
     }
     write_json(result_path, result)
@@ -482,11 +488,35 @@ def _fit_head(c: dict, run_dir: Path) -> dict:
 
 
 def _fit_linear_probe(c: dict, run_dir: Path) -> dict:
-    """The `linear` head fitted to convergence for each L2 of `L2_GRID`; the best on dev is tested."""
+    """The `linear` head fitted to convergence for each L2 of `L2_GRID`; the best on dev is tested.
+
+    The fit is convex and full-batch, so the seed changes nothing: later seeds of the same model and
+    data reuse the first seed's fit (same predictions, same figures)."""
+    import torch
+
+    from layerfusion.analysis import write_predictions
+
+    key = json.dumps([c["model"], c["data"]], sort_keys=True, default=str)
+    if key not in _PROBES:
+        _PROBES.clear()  # one row at a time: keep only the latest
+        _PROBES[key] = _probe(c)
+    out, preds, state = _PROBES[key]
+
+    for s, (index, pred, gold) in preds.items():
+        write_predictions(run_dir / f"predictions_{s}.csv", index, pred, gold)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(state, run_dir / "checkpoints" / "linear_probe.pt")
+    return dict(out)
+
+
+_PROBES: dict[str, tuple] = {}
+
+
+def _probe(c: dict) -> tuple[dict, dict, dict]:
+    """(figures, predictions per split, head state) of the dev-tuned linear probe of config `c`."""
     import torch
     from torchmetrics.functional.classification import multiclass_f1_score
 
-    from layerfusion.analysis import write_predictions
     from layerfusion.callbacks.resource_monitor import peak_memory_mb, reset_peak_memory
 
     gc.collect()
@@ -498,9 +528,7 @@ def _fit_linear_probe(c: dict, run_dir: Path) -> dict:
     dm.setup("test")
     device = trainer.strategy.root_device
     head = model.head.to(device)
-    start = time.perf_counter()
     feats = {s: model.extract_split(dm.texts(s), s, device) for s in SPLITS}
-    extract = time.perf_counter() - start
     gold = {s: torch.tensor(dm.label_ids(s), device=device) for s in SPLITS}
 
     def predict(split: str) -> torch.Tensor:
@@ -519,12 +547,7 @@ def _fit_linear_probe(c: dict, run_dir: Path) -> dict:
     head.load_state_dict(best[2])
     train_s = time.perf_counter() - start
     pred = {s: predict(s) for s in ("val", "test")}
-    for s in ("val", "test"):
-        write_predictions(
-            run_dir / f"predictions_{s}.csv", range(len(pred[s])), pred[s].cpu(), gold[s].cpu()
-        )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.save(head.state_dict(), run_dir / "checkpoints" / "linear_probe.pt")
+    preds = {s: (range(len(pred[s])), pred[s].cpu(), gold[s].cpu()) for s in ("val", "test")}
     out = {
         "test_acc": float((pred["test"] == gold["test"]).float().mean()),
         "test_f1": float(
@@ -539,9 +562,9 @@ def _fit_linear_probe(c: dict, run_dir: Path) -> dict:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    log.debug("linear probe: extraction/cache read %.1f s", extract)
+    state = {k: v.cpu().clone() for k, v in head.state_dict().items()}
     del trainer, model, dm
-    return out
+    return out, preds, state
 
 
 def settings_hash(cfg: dict) -> str:

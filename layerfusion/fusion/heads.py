@@ -208,8 +208,8 @@ class LinearHead(FusionHead):
         tol: float = 1e-6,
     ) -> int:
         """Minimise mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised) from zero weights with
-        full-batch L-BFGS; returns the iterations used. Same objective as scikit-learn's
-        `LogisticRegression(C=1 / (l2 * N))`."""
+        full-batch L-BFGS; returns the iterations used. The objective of scikit-learn's multinomial
+        `LogisticRegression(C=1 / (l2 * N))`; with two classes, of its binary one with `C=2 / (l2 * N)`."""
         x = self.inputs(features).detach()
         y = torch.as_tensor(labels, dtype=torch.long, device=x.device)
         nn.init.zeros_(self.linear.weight)
