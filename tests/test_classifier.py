@@ -185,13 +185,19 @@ def test_not_a_checkpoint_is_one_clear_error(boring, tmp_path):
 
 
 @pytest.mark.parametrize("what", ["missing", "text", "boring"])
-def test_cli_ckpt_path_errors_are_one_line(what, boring, tmp_path, capsys, monkeypatch):
+def test_cli_ckpt_path_errors_are_one_line(
+    what, boring, tiny_models, tmp_path, capsys, monkeypatch
+):
     """`test --ckpt_path` with a bad file: one `layerfusion: error:` line, before any encoder loads."""
     monkeypatch.setattr("sys.argv", ["layerfusion"])  # the CLI's arguments: `argv` below
+    monkeypatch.chdir(tmp_path)  # the config's relative run paths
     path = boring if what == "boring" else tmp_path / "x.ckpt"
     if what == "text":
         path.write_text("hello\n")
+    # a tiny encoder and no logger: were the check gone, the run would still be cheap and local
+    tiny = json.dumps([{"name": tiny_models["bert"], "alias": "bert"}])
     argv = ["test", "--config", str(REPO / "configs" / "quickstart.yaml"), "--ckpt_path", str(path)]
+    argv += ["--model.encoders", tiny, "--trainer.logger", "false", "--data.max_eval_samples", "8"]
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()

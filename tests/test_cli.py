@@ -36,6 +36,9 @@ def run_dir(tmp_path_factory, shared_data) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
     cfg["model"]["cache_dir"] = str(d / "cache")
+    cfg["model"]["cache_dtype"] = (
+        "float32"  # predict's features then equal the Classifier's online ones
+    )
     cfg["data"].update(
         dataset="sst2", data_dir=str(shared_data), max_train_samples=600, max_eval_samples=200
     )
@@ -137,6 +140,21 @@ def test_fit_validate_test_predict(run_dir):
         test_acc, abs=1e-6
     )
 
+    # the Python API on the same checkpoint: encoders online, selected layers only, no Trainer
+    from layerfusion import Classifier
+
+    mine = Classifier.from_checkpoint(best, device="cpu").predict([r["text"] for r in rows])
+    assert [m["label"] for m in mine] == [r["label"] for r in rows]  # row for row
+    for m, r in zip(mine, rows, strict=True):
+        assert m["probs"] == pytest.approx(r["probs"], abs=1e-5)
+    # and the command line, from a folder written by Classifier.save
+    Classifier.from_checkpoint(best, device="cpu").save(d / "saved")
+    classify = run_cli("classify", str(d / "saved"), rows[0]["text"], rows[1]["text"], cwd=d)
+    out = [json.loads(line) for line in classify.stdout.splitlines()]
+    assert [o["label"] for o in out] == [r["label"] for r in rows[:2]]
+    assert out[0]["probs"] == pytest.approx(rows[0]["probs"], abs=1e-5)
+    assert classify.stderr == "", classify.stderr  # no loading bars, no warnings
+
 
 def test_without_a_logger_the_run_files_are_still_written_and_reported(run_dir):
     d = run_dir
@@ -163,13 +181,27 @@ def test_without_a_logger_the_run_files_are_still_written_and_reported(run_dir):
     ):
         assert (out / name).is_file(), name
     assert "val_f1_1" in (out / "metrics_val.csv").read_text()
-    (out / "metrics_test.json").write_text(
-        json.dumps({"test_acc": 0.5, "test_f1": 0.4})
-    )  # as `test` would
+    best = d / "run" / "checkpoints" / "best.ckpt"  # ModelCheckpoint's dirpath is set in the config
+    run_cli(
+        "test",
+        "--config",
+        "full.yaml",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(out),
+        "--ckpt_path",
+        str(best),
+        cwd=d,
+    )
+    assert not (out / "wandb").exists()
+    metrics = json.loads((out / "metrics_test.json").read_text())
+    assert 0.5 < metrics["test_acc"] <= 1 and 0 < metrics["test_f1"] <= 1
     report = run_cli("report", str(out), "--out", str(d / "report"), cwd=d)
     assert "results.md" in report.stdout
     table = (d / "report" / "results.md").read_text()
-    assert "| nolog | sst2 | gated | all-MiniLM-L6-v2 |" in table and "0.5000" in table
+    assert "| nolog | sst2 | gated | all-MiniLM-L6-v2 |" in table
+    assert f"| {metrics['test_acc']:.4f} | {metrics['test_f1']:.4f} |" in table
     assert (d / "report" / "accuracy.png").stat().st_size > 1000
 
 
@@ -178,9 +210,7 @@ def test_user_errors_are_one_clear_line(run_dir):
         "fit", "--config", "full.yaml", "--data.dataset", "sst3", cwd=run_dir, check=False
     )
     assert bad.returncode == 2
-    assert (
-        "layerfusion: error: unknown dataset 'sst3'" in bad.stderr and "Traceback" not in bad.stderr
-    )
+    assert _one_error_line(bad.stderr).startswith("layerfusion: error: unknown dataset 'sst3'")
     missing = run_cli(
         "fit",
         "--config",
@@ -190,7 +220,18 @@ def test_user_errors_are_one_clear_line(run_dir):
         cwd=run_dir,
         check=False,
     )
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert "nobody/nothing" in missing.stderr and "make models" in missing.stderr
+    assert missing.returncode == 2
+    line = _one_error_line(missing.stderr)
+    assert line.startswith("layerfusion: error: model 'nobody/nothing' not found")
+    assert "make models" in line and "HF_HUB_OFFLINE" in line
     typo = run_cli("fit", "--config", "full.yaml", "--model.hiden", "3", cwd=run_dir, check=False)
     assert typo.returncode != 0 and "hiden" in typo.stderr
+
+
+def _one_error_line(stderr: str) -> str:
+    """The error a failed run reports, checked to be one line: the last one, the only one about an error."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0] == lines[-1], lines[-5:]
+    assert errors[0].startswith("layerfusion: error: "), errors[0]
+    return errors[0]
