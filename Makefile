@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= configs/quickstart.yaml
 STAMP   := $(VENV)/.installed
 
-.PHONY: install models models-test fit test lint bench bench-quick reproduce clean
+.PHONY: install models models-test fit test lint bench bench-quick gpu-check reproduce clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ bench: models
 # Tiny sizes, MiniLM only: keeps the benchmark code working (also run by `make test`)
 bench-quick: models-test
 	$(BIN)/python benchmarks/run.py --quick --threads 1 --out benchmarks/out/quick.json
+
+# On a CUDA machine (not part of `make test`): extraction sentences/s per encoder in fp32, TF32 and bf16,
+# peak GPU memory, the quickstart on the gpu preset, a DDP fit over every visible GPU -> benchmarks/gpu.json.
+# Without CUDA it says so and exits 0.
+gpu-check: models
+	$(BIN)/python scripts/gpu_check.py --out benchmarks/gpu.json
 
 # The paper's table: 4 datasets x (baselines, selection, gated fusion, ablations) x 3 seeds
 # -> results/paper_table.{csv,md}; interrupted runs continue where they stopped.

@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import torch
 
+from layerfusion.encoders.frozen import cpu_bf16_units
+
 REPO = Path(__file__).resolve().parents[1]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
@@ -27,9 +29,9 @@ class Sizes:
 
     quick: bool
     models: tuple[str, ...]
-    """Encoders of the two-encoder benchmarks (cached epoch, reference pipeline, bucketing)."""
+    """Encoders of the two-encoder benchmarks (cached epoch, pipelines, bucketing, bf16 probe parity)."""
     big: str
-    """Encoder of the one-encoder benchmarks (tap overhead, memory)."""
+    """Encoder of the one-encoder benchmarks (tap overhead, memory, bf16 speed, early exit)."""
     batch_size: int
     """Extraction / forward batch size."""
     max_length: int
@@ -47,6 +49,22 @@ class Sizes:
     probe_epochs: int
     bucket_texts: dict[str, int]
     bucket_rounds: int
+    baseline_texts: int
+    """SST-2 sentences of the headline comparison with one `output_hidden_states` pass per model."""
+    baseline_rounds: int
+    precision_texts: dict[str, int]
+    """Texts per dataset (`sst2` sentences, `r8` documents) of the bf16 vs fp32 extraction speed."""
+    precision_lengths: dict[str, int]
+    """Token limit per dataset of the bf16 speed and probe-parity benchmarks."""
+    precision_rounds: int
+    parity_rows: dict[str, tuple[int, int]]
+    """(train, dev) rows per dataset of the bf16 vs fp32 per-layer probe accuracies."""
+    exit_depth: int
+    """Deepest layer of the early-exit benchmark (of the `big` encoder's layers)."""
+    exit_texts: int
+    exit_rounds: int
+    sdpa_model: str | None
+    """Real MPNet for the SDPA measurement; None = a tiny random MPNet (quick mode: code paths only)."""
 
 
 FULL = Sizes(
@@ -56,17 +74,27 @@ FULL = Sizes(
     batch_size=32,
     max_length=128,
     tap_texts=96,
-    tap_rounds=3,
+    tap_rounds=9,
     memory_batch=32,
     memory_length=512,
-    memory_rounds=1,
+    memory_rounds=2,
     epoch_texts=1000,
     epoch_batch_size=64,
-    epoch_rounds=1,
+    epoch_rounds=4,
     pipeline_texts=500,
     probe_epochs=5,
     bucket_texts={MINILM: 256, MPNET: 128},
     bucket_rounds=2,
+    baseline_texts=256,
+    baseline_rounds=4,
+    precision_texts={"sst2": 128, "r8": 64},
+    precision_lengths={"sst2": 128, "r8": 256},
+    precision_rounds=4,
+    parity_rows={"sst2": (800, 872), "r8": (800, 400)},
+    exit_depth=8,
+    exit_texts=128,
+    exit_rounds=4,
+    sdpa_model=MPNET,
 )
 QUICK = Sizes(
     quick=True,
@@ -81,11 +109,21 @@ QUICK = Sizes(
     memory_rounds=1,
     epoch_texts=32,
     epoch_batch_size=8,
-    epoch_rounds=1,
+    epoch_rounds=2,
     pipeline_texts=32,
     probe_epochs=2,
     bucket_texts={MINILM: 32},
     bucket_rounds=1,
+    baseline_texts=16,
+    baseline_rounds=2,
+    precision_texts={"sst2": 4, "r8": 2},
+    precision_lengths={"sst2": 32, "r8": 64},
+    precision_rounds=2,
+    parity_rows={"sst2": (32, 16), "r8": (32, 16)},
+    exit_depth=4,
+    exit_texts=16,
+    exit_rounds=2,
+    sdpa_model=None,
 )
 
 
@@ -152,12 +190,27 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or _cpu_model(),
         "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cpu_bf16_units": cpu_bf16_units(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
 def log(message: str) -> None:
     """Progress line on stderr."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_model() -> str:

@@ -10,7 +10,8 @@ from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, load_pretrai
 
 def bench_tap_overhead(sizes: Sizes, device: str) -> dict:
     """`tap_overhead_ratio` = tapped throughput / plain throughput, same model, same batches."""
-    spec = EncoderSpec(sizes.big, max_length=sizes.max_length)
+    # fp32 like the bare forward it is compared with
+    spec = EncoderSpec(sizes.big, max_length=sizes.max_length, compute_dtype="float32")
     model, tokenizer = load_pretrained(spec)
     model.to(device).eval()
     texts, _ = sst2_slice(sizes.tap_texts, seed=1)
