@@ -35,7 +35,8 @@ lint: install
 	$(BIN)/ruff check layerfusion callbacks tests benchmarks scripts
 	$(BIN)/ruff format --check layerfusion callbacks tests benchmarks scripts
 
-# Full benchmarks (real MiniLM + MPNet, real data; ~20-40 min on 2 cores) -> benchmarks/results.json
+# Full benchmarks (real MiniLM + MPNet, real data; ~45 min on 2 idle cores without bf16 units, most of it the
+# bf16 probe parity, bf16 being emulated there) -> benchmarks/results.json
 bench: models
 	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
 

@@ -162,10 +162,9 @@ class FrozenEncoder(nn.Module):
         if precision in ("bfloat16", "float16"):
             return torch.autocast(kind, dtype=DTYPES[precision])
         # fp32 (or the weights' own dtype): switch off any autocast around us, e.g. a bf16-mixed trainer
-        off = torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else nullcontext()
         if kind == "cuda":
             return _cuda_fp32("high" if precision == "tfloat32" else "highest")
-        return off
+        return torch.autocast(kind, enabled=False) if kind == "cpu" else nullcontext()
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         """Stay in eval mode (no dropout) whatever the trainer asks."""
