@@ -164,6 +164,9 @@ def test_lightning_epochs_reshuffle_the_stream(tmp_path):
             self.rows.setdefault(self.current_epoch, []).extend(batch["index"].tolist())
             return (self.w - batch["labels"].float().mean()) ** 2
 
+        def validation_step(self, batch, batch_idx):  # never run (limit_val_batches=0)
+            pass
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
