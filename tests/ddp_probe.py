@@ -1,4 +1,4 @@
-"""Test helper callback for the DDP tests: what each rank trained on, and its head at the end."""
+"""Test helper callback for the DDP tests: which rows each rank trained and evaluated on, its head at the end."""
 
 from __future__ import annotations
 
@@ -10,25 +10,53 @@ import lightning as L
 
 
 class RecordRanks(L.Callback):
-    """Write `rank{r}.json`: the train row indices of every epoch and a SHA-256 of the head after fit."""
+    """Write `<stage>-rank{r}.json`: the train row indices of every epoch this process ran, the global
+    step it started and ended at, the row indices each rank validated / tested / predicted (last epoch),
+    a SHA-256 of the head and the synced val_acc."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.rows: dict[int, list[int]] = {}
+        self.eval_rows: dict[str, list[int]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_step = trainer.global_step  # after any checkpoint restore
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.rows.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.eval_rows["val"] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.eval_rows["val"].extend(batch["index"].tolist())
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.eval_rows.setdefault("test", []).extend(batch["index"].tolist())
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.eval_rows.setdefault("predict", []).extend(batch["index"].tolist())
 
     def on_fit_end(self, trainer, pl_module) -> None:
         h = hashlib.sha256()
         for k, v in sorted(pl_module.head.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().numpy().tobytes())
-        self.out.mkdir(parents=True, exist_ok=True)
         record = {
             "rows": self.rows,
             "head": h.hexdigest(),
-            "world": trainer.world_size,
             "val_acc": float(trainer.callback_metrics["val_acc"]),
+            "steps": [self.first_step, trainer.global_step],
         }
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        self._write(trainer, "fit", record)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._write(trainer, "test", {})
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._write(trainer, "predict", {})
+
+    def _write(self, trainer, stage: str, record: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = {**record, "world": trainer.world_size, "eval_rows": self.eval_rows}
+        (self.out / f"{stage}-rank{trainer.global_rank}.json").write_text(json.dumps(record))

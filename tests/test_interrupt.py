@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -15,9 +17,12 @@ import yaml
 from conftest import MINILM, REPO
 
 pytestmark = pytest.mark.slow
+TESTS = Path(__file__).parent
 
 
-def _config(d: Path, shared_data: Path, train: int) -> Path:
+def _config(d: Path, shared_data: Path, train: int, record: Path | None = None) -> Path:
+    """The quickstart on SST-2 rows with MiniLM; with `record`, the test-only `ddp_probe.RecordRanks`
+    callback writes the rows each epoch of this process trained on (see `_start`: tests/ on the path)."""
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
     cfg["model"]["cache_dir"] = str(d / "cache")
@@ -29,13 +34,18 @@ def _config(d: Path, shared_data: Path, train: int) -> Path:
     cfg["trainer"]["callbacks"] = [
         c for c in cfg["trainer"]["callbacks"] if "EarlyStopping" not in c["class_path"]
     ]
+    if record is not None:
+        cfg["trainer"]["callbacks"].append(
+            {"class_path": "ddp_probe.RecordRanks", "init_args": {"out": str(record)}}
+        )
     path = d / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run")))
     return path
 
 
 def _start(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     return subprocess.Popen(
         [sys.executable, "-m", "layerfusion", *args],
         cwd=cwd,
@@ -93,17 +103,20 @@ def test_killed_during_extraction_then_rebuilt_identically(tmp_path, shared_data
     fresh = FeatureCache(tmp_path / "fresh", batch_size=16).load_or_build(
         encoder, dm.texts("train"), "train"
     )
-    resumed = FeatureCache(cache, batch_size=16).load_or_build(encoder, dm.texts("train"), "train")
+    resumed_cache = FeatureCache(cache, batch_size=16)
+    resumed = resumed_cache.load_or_build(encoder, dm.texts("train"), "train")
+    assert resumed_cache.last_build_seconds == 0.0, "the rebuilt entry is read, not extracted again"
     assert torch.equal(fresh, resumed)
 
 
 def test_killed_during_fit_resumes_from_last(tmp_path, shared_data):
-    cfg = _config(tmp_path, shared_data, train=400)
+    cfg = _config(tmp_path, shared_data, train=400, record=tmp_path / "probe")
     ckpts = tmp_path / "run" / "checkpoints"
     proc = _start("fit", "--config", str(cfg), "--trainer.max_epochs", "300", cwd=tmp_path)
     _kill_when(proc, lambda: (ckpts / "last.ckpt").is_file() and (ckpts / "best.ckpt").is_file())
     before = torch.load(ckpts / "last.ckpt", weights_only=True)  # complete, loadable
     assert before["epoch"] < 299
+    assert not (tmp_path / "probe").exists(), "the killed run never reached the end of fit"
 
     _finish(
         _start(
@@ -117,6 +130,13 @@ def test_killed_during_fit_resumes_from_last(tmp_path, shared_data):
             cwd=tmp_path,
         )
     )
-    after = torch.load(ckpts / "last.ckpt", weights_only=True)
-    assert after["epoch"] == before["epoch"] + 2  # resumed, not restarted
-    assert after["global_step"] > before["global_step"]
+    # the second process ran exactly the remaining epochs, each over all 400 rows, from the restored
+    # step (a restart from epoch 0 would have run before + 3 epochs and counted its steps from 0)
+    record = json.loads((tmp_path / "probe" / "fit-rank0.json").read_text())
+    assert sorted(map(int, record["rows"])) == [before["epoch"] + 1, before["epoch"] + 2]
+    assert all(sorted(rows) == list(range(400)) for rows in record["rows"].values())
+    steps_per_epoch = math.ceil(400 / yaml.safe_load(cfg.read_text())["data"]["batch_size"])
+    assert record["steps"] == [
+        before["global_step"],
+        before["global_step"] + 2 * steps_per_epoch,
+    ]
