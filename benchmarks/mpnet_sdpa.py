@@ -1,8 +1,9 @@
 """MPNet's eager attention vs the same attention through `scaled_dot_product_attention` with its relative
-position bias (plus the padding mask) passed as a float mask: speed and largest feature difference.
+position bias (plus the padding mask) passed as a float mask (`layerfusion.encoders.frozen.set_mpnet_sdpa`):
+speed and largest feature difference.
 
-transformers 5 runs MPNet with eager attention only. This measures whether SDPA would be worth adopting;
-layerfusion adopts it only if it is faster and within 1e-4 of eager (see benchmarks/README.md).
+transformers 5 runs MPNet with eager attention only. layerfusion uses the SDPA path because this measured
+it faster and within 1e-4 of eager (see benchmarks/README.md); this benchmark keeps checking that.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from benchutil import Sizes, log, median, round_ratios, sst2_slice, timed
 from memory import long_documents
 
-from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, load_pretrained
+from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, load_pretrained, set_mpnet_sdpa
 
 TOLERANCE = 1e-4
 """Largest absolute difference of pooled features that adoption would accept."""
@@ -68,7 +68,7 @@ def _compare(encoder: FrozenEncoder, texts: list[str], sizes: Sizes, device: str
     ]
 
     def run(variant: str, batch) -> tuple[torch.Tensor, float]:
-        with sdpa_attention(variant == "sdpa"), torch.inference_mode():
+        with sdpa_attention(encoder.model, variant == "sdpa"), torch.inference_mode():
             out: list[torch.Tensor] = []
             seconds = timed(
                 lambda: out.append(encoder(batch["input_ids"], batch["attention_mask"])), device
@@ -113,37 +113,10 @@ def mpnet(sizes: Sizes):
 
 
 @contextmanager
-def sdpa_attention(enabled: bool = True) -> Iterator[None]:
-    """While active, every MPNet self-attention runs through SDPA (bias + padding mask as a float mask)."""
-    from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
-
-    if not enabled:
-        yield
-        return
-    eager = MPNetSelfAttention.forward
-    MPNetSelfAttention.forward = _sdpa_forward
+def sdpa_attention(model, enabled: bool = True) -> Iterator[None]:
+    """While active, `model`'s MPNet self-attention runs through layerfusion's SDPA path (or eager)."""
+    set_mpnet_sdpa(model, enabled)
     try:
         yield
     finally:
-        MPNetSelfAttention.forward = eager
-
-
-def _sdpa_forward(
-    self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs
-):
-    """MPNetSelfAttention.forward with the score/softmax/value product done by SDPA."""
-    if output_attentions:
-        raise ValueError("the SDPA variant returns no attention weights")
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.attention_head_size)
-    q = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
-    k = self.k(hidden_states).view(hidden_shape).transpose(1, 2)
-    v = self.v(hidden_states).view(hidden_shape).transpose(1, 2)
-    mask = position_bias
-    if attention_mask is not None:
-        mask = attention_mask if mask is None else mask + attention_mask
-    if mask is not None:
-        mask = mask.to(q.dtype)
-    c = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    c = c.transpose(1, 2).reshape(*input_shape, self.all_head_size)
-    return (self.o(c),)
+        set_mpnet_sdpa(model, True)  # what FrozenEncoder sets up

@@ -248,3 +248,37 @@ def test_fp32_compute_is_shielded_from_an_outer_autocast(tiny_models):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = enc(batch["input_ids"], batch["attention_mask"])
     assert torch.equal(inside, ref)
+
+
+def test_mpnet_attention_runs_through_sdpa_with_eager_results(tiny_models):
+    """MPNet (eager-only in transformers 5) gets layerfusion's SDPA path: same features as its eager
+    code, attention weights still available, and the encoder still pickles (ddp_spawn)."""
+    import pickle
+
+    from layerfusion.encoders.frozen import set_mpnet_sdpa
+
+    enc = _encoder(tiny_models["mpnet"])
+    attention = enc.model.encoder.layer[0].attention.attn
+    assert "forward" in attention.__dict__  # the SDPA path is installed
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:  # count the calls of the real function
+        mp.setattr(
+            torch.nn.functional,
+            "scaled_dot_product_attention",
+            lambda *a, **k: calls.append(1) or sdpa(*a, **k),
+        )
+        fast = enc(ids, mask)
+    assert len(calls) == 2  # one per block
+    set_mpnet_sdpa(enc.model, False)
+    assert "forward" not in attention.__dict__
+    eager = enc(ids, mask)
+    torch.testing.assert_close(fast, eager, atol=1e-5, rtol=1e-5)
+    set_mpnet_sdpa(enc.model, True)
+    with torch.no_grad():
+        out = enc.model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape[-1] == ids.shape[1]
+    clone = pickle.loads(pickle.dumps(enc))
+    torch.testing.assert_close(clone(ids, mask), fast)
