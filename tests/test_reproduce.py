@@ -15,8 +15,17 @@ import pytest
 import yaml
 from conftest import REPO
 
+from layerfusion import analysis
 from layerfusion.errors import ConfigError
-from layerfusion.reproduce import COLUMNS, ROWS, main
+from layerfusion.reproduce import (
+    COLUMNS,
+    ROWS,
+    best_single,
+    gains,
+    main,
+    read_runs,
+    table_from_runs,
+)
 
 
 def _config(tmp: Path, shared_data: Path) -> Path:
@@ -79,16 +88,18 @@ def test_table_has_every_method_with_layers_chosen_on_train_dev(reproduced):
     assert by["gated_all_layers", "mean+cls"]["layers"] == "mean:0,1,2,3,4,5,6 cls:0,1,2,3,4,5,6"
     for r in table:
         assert r["seeds"] == "2"
-        assert 0.3 < float(r["test_acc_mean"]) <= 1.0
-        for col in ("extract_s", "train_s", "peak_mem_mb"):
+        for col in ("extract_s", "extract_peak_mb", "train_s", "train_peak_mb"):
             assert math.isfinite(float(r[col])) and float(r[col]) > 0, (r["method"], col)
+    # a linear_probe run is convex and full-batch: both seeds give the same predictions
+    probe = [tmp / "runs" / "sst2" / "linear_probe-mean" / f"seed{k}" for k in (0, 1)]
+    a, b = (analysis.read_predictions(d / "predictions_test.csv") for d in probe)
+    assert (a["pred"] == b["pred"]).all()
+    assert json.loads((probe[0] / "result.json").read_text())["l2"] in (0.1, 0.01, 0.001, 0.0001)
     # two encoders cost what the two single-encoder extractions cost
     assert float(by["gated", "mean+cls"]["extract_s"]) == pytest.approx(
         float(by["last_layer", "mean"]["extract_s"]) + float(by["last_layer", "cls"]["extract_s"]),
         rel=1e-6,
     )
-    md = (tmp / "results" / "paper_table.md").read_text()
-    assert "## sst2" in md and "Target 1, gated >= every single-encoder row" in md
 
 
 def test_figures_come_from_the_runs(reproduced):
@@ -108,6 +119,108 @@ def test_figures_come_from_the_runs(reproduced):
     logged = _csv(tmp / "runs" / "sst2" / "gated" / "seed1" / "metrics.csv")
     test_acc = [float(r["test_acc"]) for r in logged if r.get("test_acc")]
     assert test_acc == [pytest.approx(float(run["test_acc"]), abs=1e-6)]
+    # each run's saved predictions give exactly its test and (best checkpoint's) dev accuracy
+    for r in runs:
+        for split, col in (("test", "test_acc"), ("val", "val_acc")):
+            p = analysis.read_predictions(Path(r["run_dir"]) / f"predictions_{split}.csv")
+            assert (p["pred"] == p["gold"]).mean() == pytest.approx(float(r[col]), abs=1e-6)
+            assert list(p["index"]) == list(range(64))
+
+
+def test_gains_verdicts_and_significance_recomputed_from_the_runs(reproduced):
+    """Recompute the reference rows (by dev), gains, targets, intervals and p-values from
+    paper_runs.csv and the saved predictions, and compare with paper_table.csv/.md."""
+    tmp, _ = reproduced
+    runs = read_runs(tmp / "results" / "paper_runs.csv")
+    table = table_from_runs(runs)
+    single = [r for r in table if "+" not in r["encoders"]]
+    base = max(single, key=lambda r: r["val_acc_mean"])
+    assert best_single(table) is base
+    written = {(r["method"], r["encoders"]): r for r in _csv(tmp / "results" / "paper_table.csv")}
+    for r in table:
+        w = written[r["method"], r["encoders"]]
+        assert float(w["test_acc_mean"]) == pytest.approx(r["test_acc_mean"], abs=1e-6)
+        assert w["vs"] == f"{base['method']} {base['encoders']}"
+
+        def correct(row):
+            out = []
+            for x in sorted(
+                (x for x in runs if (x["method"], x["encoders"]) == row), key=lambda x: x["seed"]
+            ):
+                p = analysis.read_predictions(Path(x["run_dir"]) / "predictions_test.csv")
+                out.append(p["pred"] == p["gold"])
+            return out
+
+        mine, ref = (
+            correct((r["method"], r["encoders"])),
+            correct((base["method"], base["encoders"])),
+        )
+        diff = sum(a.mean() - b.mean() for a, b in zip(mine, ref)) / len(mine)
+        assert float(w["diff"]) == pytest.approx(diff, abs=1e-6)
+        assert float(w["diff_lo"]) <= float(w["diff"]) <= float(w["diff_hi"])
+        p_max = max(analysis.mcnemar_exact(a, b) for a, b in zip(mine, ref))
+        assert float(w["mcnemar_p_max"]) == pytest.approx(p_max, abs=1e-6)
+        lo, hi = float(w["diff_lo"]), float(w["diff_hi"])
+        expected = (
+            "reference" if r is base else "better" if lo > 0 else "worse" if hi < 0 else "n.s."
+        )
+        assert w["verdict"] == expected
+    g = gains(table)["sst2"]
+    gated = next(r for r in table if r["method"] == "gated")
+    assert g["gain_over_single"] == pytest.approx(gated["test_acc_mean"] - base["test_acc_mean"])
+    md = (tmp / "results" / "paper_table.md").read_text()
+    assert (
+        f"| {100 * g['gain_over_single']:+.2f} | {written['gated', 'mean+cls']['verdict']} |" in md
+    )
+    verdict = "met" if g["gain_over_single"] >= 0 else "NOT met"
+    assert f"Target 1, gated >= every single-encoder row (the best by dev): {verdict} " in md
+    assert "--share 0.5" in md
+
+
+def test_complementarity_and_analyze_agree_with_the_predictions(reproduced, tmp_path):
+    tmp, _ = reproduced
+    pairs = _csv(tmp / "results" / "paper_complementarity.csv")
+    assert {(p["split"], p["seed"]) for p in pairs} == {
+        (s, k) for s in ("val", "test") for k in "01"
+    }
+    cka = _csv(tmp / "results" / "paper_cka" / "sst2.csv")
+    assert len(cka) == 14 * 14 and (tmp / "results" / "paper_cka" / "sst2.png").stat().st_size > 0
+    same = {(r["a"], r["b"]): float(r["cka"] or "nan") for r in cka}
+    assert same["mean:3", "mean:3"] == pytest.approx(1.0) and same["mean:3", "cls:3"] < 1.0
+    assert math.isnan(
+        same["cls:0", "cls:0"]
+    )  # the CLS token before any layer: the same for every row
+    p = next(p for p in pairs if (p["split"], p["seed"]) == ("test", "0"))
+    run_a = tmp / "runs" / "sst2" / f"{p['row_a']}-{p['encoder_a']}" / "seed0"
+    run_b = tmp / "runs" / "sst2" / f"{p['row_b']}-{p['encoder_b']}" / "seed0"
+    a, b = (analysis.read_predictions(d / "predictions_test.csv") for d in (run_a, run_b))
+    ra, rb = a["pred"] == a["gold"], b["pred"] == b["gold"]
+    assert int(p["both_right"]) == int((ra & rb).sum())
+    assert int(p["only_a"]) == int((ra & ~rb).sum()) and int(p["only_b"]) == int((~ra & rb).sum())
+    assert float(p["oracle_acc"]) == pytest.approx((ra | rb).mean())
+    # `layerfusion analyze` on the same two run directories gives the same counts
+    files = analysis.analyze([run_a, run_b], tmp_path)
+    assert {f.name for f in files} == {"agreement.csv", "cka.csv", "cka.png"}
+    row = next(r for r in _csv(tmp_path / "agreement.csv") if r["split"] == "test")
+    assert (row["both_right"], row["only_a"], row["only_b"]) == (
+        p["both_right"],
+        p["only_a"],
+        p["only_b"],
+    )
+    with pytest.raises(ConfigError, match="predictions_test.csv does not exist"):
+        analysis.analyze([run_a, tmp_path], tmp_path / "x")
+
+
+def test_committed_table_is_the_mean_of_the_committed_runs():
+    """results/paper_table.csv against results/paper_runs.csv (older files carry a per-run extract_s)."""
+    runs = read_runs(REPO / "results" / "paper_runs.csv")
+    table = {(r["dataset"], r["method"], r["encoders"]): r for r in table_from_runs(runs)}
+    written = _csv(REPO / "results" / "paper_table.csv")
+    assert len(written) == len(table)
+    for w in written:
+        r = table[w["dataset"], w["method"], w["encoders"]]
+        for col in ("test_acc_mean", "test_acc_std", "val_acc_mean", "test_f1_mean"):
+            assert float(w[col]) == pytest.approx(r[col], abs=2e-6), (w["method"], col)
 
 
 def test_rerun_reuses_finished_runs_and_redoes_damaged_ones(reproduced):
@@ -117,15 +230,31 @@ def test_rerun_reuses_finished_runs_and_redoes_damaged_ones(reproduced):
     before = (tmp / "results" / "paper_table.csv").read_text()
     damaged = tmp / "runs" / "sst2" / "concat_last" / "seed0" / "result.json"
     damaged.write_text("{not json")
+    legacy = tmp / "runs" / "sst2" / "gated" / "seed1" / "result.json"
+    old_result = json.loads(legacy.read_text())
+    legacy.write_text(json.dumps({**old_result, "extract_s": 12.5}))  # a key older versions wrote
+    stamps[legacy] = legacy.stat().st_mtime_ns
     main([*args, "--runs", str(tmp / "runs"), "--methods", "concat_last", "gated"])
     changed = [p for p in results if p.stat().st_mtime_ns != stamps[p]]
-    assert changed == [damaged]
+    assert changed == [damaged]  # and the legacy result was reused, not retrained
     assert json.loads(damaged.read_text())["method"] == "concat_last"
     table = _csv(tmp / "results" / "paper_table.csv")
     assert [r["method"] for r in table] == ["concat_last", "gated"]
     old = {(r["method"], r["encoders"]): r for r in csv.DictReader(before.splitlines())}
     for r in table:  # same settings and seed: the rebuilt run reproduces the number
         assert r["test_acc_mean"] == old[r["method"], r["encoders"]]["test_acc_mean"]
+    runs = _csv(tmp / "results" / "paper_runs.csv")  # columns: the union over the runs
+    assert [r["extract_s"] for r in runs if r["method"] == "gated"] == ["", "12.5"]
+    # one seed: no "± 0.00"; the W&B logger is not part of the reuse key
+    main(
+        [*args[:1], "--seeds", "0", "--methods", "gated", "--logger", "wandb"]
+        + [*args[-2:], "--runs", str(tmp / "runs")]
+    )
+    assert [p for p in results if p.stat().st_mtime_ns != stamps[p]] == [damaged]
+    md = (tmp / "results" / "paper_table.md").read_text()
+    (gated,) = [line for line in md.splitlines() if line.startswith("| gated | mean+cls")]
+    assert "±" not in gated and "--methods gated --logger wandb" in md
+    assert _csv(tmp / "results" / "paper_table.csv")[0]["test_acc_std"] == ""
 
 
 def test_bad_arguments_are_named(reproduced, tmp_path):
@@ -159,3 +288,10 @@ def test_runs_can_be_tracked_in_wandb(reproduced, monkeypatch):
         assert record["history"]["test_acc"] == [pytest.approx(result["test_acc"], abs=1e-6)]
         assert "val_acc" in record["history"]
         assert record["config"]["head"] == "gated"
+    # the dataset's analysis is one more W&B run: significance and CKA tables, the CKA heatmap
+    (offline,) = sorted((runs / "sst2" / "analysis" / "wandb").glob("offline-run-*"))
+    history = read_run(offline)["history"]
+    assert history["significance/_type"] == ["table-file"]
+    assert history["significance/nrows"] == [1]  # the one row trained here: gated
+    assert history["cka/_type"] == ["table-file"] and history["cka/nrows"] == [14 * 14]
+    assert history["cka_heatmap/_type"] == ["image-file"]
