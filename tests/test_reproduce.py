@@ -295,3 +295,23 @@ def test_runs_can_be_tracked_in_wandb(reproduced, monkeypatch):
     assert history["significance/nrows"] == [1]  # the one row trained here: gated
     assert history["cka/_type"] == ["table-file"] and history["cka/nrows"] == [14 * 14]
     assert history["cka_heatmap/_type"] == ["image-file"]
+
+
+def test_reuse_key_is_the_resolved_config_without_the_logger():
+    """Writing out a default changes nothing, changing a value does, and so does not the logger."""
+    from layerfusion.reproduce import settings_hash
+
+    cfg = yaml.safe_load((REPO / "configs" / "experiments" / "sst2.yaml").read_text())
+    base = settings_hash(cfg)
+    explicit = {**cfg, "model": {**cfg["model"], "cache_dtype": "float16"}}  # the default
+    assert settings_hash(explicit) == base
+    other = {**cfg, "model": {**cfg["model"], "cache_dtype": "float32"}}
+    assert settings_hash(other) != base
+    wandb = {
+        **cfg,
+        "trainer": {
+            **cfg["trainer"],
+            "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger"},
+        },
+    }
+    assert settings_hash(wandb) == base
