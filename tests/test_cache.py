@@ -223,6 +223,9 @@ def _cached_layer_counts(root) -> dict[str, list[int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+@pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode at the start of training")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create")
 def test_module_extracts_up_to_the_deepest_selected_layer(tmp_path, tiny_models, sst2_slice):
     """A fixed selection ending at layer 1 of 0..2: train/val/test stop there; LayerImportance (which
     scores every layer) gets all layers of train/val; a checkpoint restoring a deeper selection after
