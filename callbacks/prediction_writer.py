@@ -32,15 +32,17 @@ class PredictionWriter(BasePredictionWriter):
         index = torch.cat([p["index"] for p in predictions]).cpu()
         probs = torch.cat([p["probs"] for p in predictions]).cpu()
         index, probs = gather_rows(pl_module, index), gather_rows(pl_module, probs)
-        if not trainer.is_global_zero:
-            return
-        dm = trainer.datamodule
-        texts, gold, names = dm.texts("predict"), dm.splits["predict"].labels, pl_module.label_names
-        if len(set(index.tolist())) != len(index):
+        if len(set(index.tolist())) != len(
+            index
+        ):  # checked on every rank, so that every rank stops
             raise RuntimeError(
                 f"predict gave {len(index)} predictions for {len(set(index.tolist()))} distinct rows: "
                 "a sampler repeated rows"
             )
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        texts, gold, names = dm.texts("predict"), dm.splits["predict"].labels, pl_module.label_names
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as fh:

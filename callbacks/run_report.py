@@ -103,15 +103,14 @@ class RunReport(L.Callback):
     def _report(self, split: str, trainer: L.Trainer, pl_module) -> None:
         if split not in self.splits or not self._rows.get(split):
             return
-        rows = gather_rows(pl_module, torch.cat(self._rows[split]))
-        if not trainer.is_global_zero:
-            return
-        rows = rows.cpu().numpy()
+        rows = gather_rows(pl_module, torch.cat(self._rows[split])).cpu().numpy()
         _, first = np.unique(rows[:, 0], return_index=True)
-        if len(first) != len(rows):
+        if len(first) != len(rows):  # checked on every rank, so that every rank stops
             raise RuntimeError(
                 f"{split}: {len(rows)} rows for {len(first)} row indices: rows repeated"
             )
+        if not trainer.is_global_zero:
+            return
         rows = rows[first]
         names = pl_module.label_names
         matrix = np.zeros((len(names), len(names)), dtype=np.int64)
