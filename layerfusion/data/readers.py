@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import functools
 import gzip
 import io
 import json
@@ -281,12 +282,14 @@ def locator(path: Path, fmt: str) -> Callable[[int], str] | None:
     """row -> `file:line` for line-based files (JSON Lines, CSV, TSV); None for the others."""
     if fmt == "parquet":
         return None
+    # a partial of a module-level function, not a closure: Examples travel to ddp_spawn workers
+    return functools.partial(_locate, path, fmt)
 
-    def locate(row: int) -> str:
-        line = _row_line(path, fmt, row)
-        return f"{path}:{line}" if line else f"{path}, row {row + 1}"
 
-    return locate
+def _locate(path: Path, fmt: str, row: int) -> str:
+    """`file:line` of data row `row` (`file, row N` where lines do not apply)."""
+    line = _row_line(path, fmt, row)
+    return f"{path}:{line}" if line else f"{path}, row {row + 1}"
 
 
 def _row_line(path: Path, fmt: str, row: int) -> int | None:
