@@ -366,7 +366,11 @@ def importance(
     depth = {k: e.num_layers for k, e in model.encoders.items()}
     dm.setup("test")
     entries = {
-        k: [model.cache.entry_dir(model.cache.key(e, dm.texts(s), s)) for s in SPLITS]
+        # the all-layer entries `extract_features` built, keyed with this device's compute dtype
+        k: [
+            model.cache.entry_dir(model.cache.key(e, dm.texts(s), s, trainer.strategy.root_device))
+            for s in SPLITS
+        ]
         for k, e in model.encoders.items()
     }
     log.info("%s selections: %s", name, selections)
