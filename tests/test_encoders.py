@@ -63,6 +63,8 @@ def test_pooling_by_hand():
         [[0, 1, 1], [1, 1, 1]]
     )  # left padding: last token is still the last real one
     torch.testing.assert_close(pool(hidden, left, "last"), torch.tensor([[4.0, 5.0], [10.0, 11.0]]))
+    # left padding: the first token is a pad, so `cls` takes the first real one
+    torch.testing.assert_close(pool(hidden, left, "cls"), torch.tensor([[2.0, 3.0], [6.0, 7.0]]))
 
 
 def test_encoder_is_frozen_and_stays_in_eval(tiny_models):

@@ -80,14 +80,15 @@ class _Tap:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Pool `[B, T, d]` hidden states to `[B, d]`: masked mean, first token, or last non-pad token."""
+    """Pool `[B, T, d]` hidden states to `[B, d]`: masked mean, first or last non-pad token."""
     hidden = hidden.float()  # pool in fp32 whatever the encoder's dtype
-    if pooling == "cls":
-        return hidden[:, 0]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if pooling == "cls":  # the first real token: position 0 with right padding, not a left pad
+        return hidden[rows, mask.long().argmax(dim=1)]
     mask = mask.to(hidden.dtype)
     if pooling == "mean":
         summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)
         return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (mask.long() * positions).argmax(dim=1)  # works for left and right padding
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return hidden[rows, last]
