@@ -574,8 +574,6 @@ def _probe(c: dict) -> tuple[dict, dict, dict]:
 def settings_hash(cfg: dict) -> str:
     """SHA-256 of the fully resolved config (defaults filled in by the parser), logger excluded."""
     from layerfusion.cli import LayerFusionCLI
-    from layerfusion.data.datamodule import TextClassificationDataModule
-    from layerfusion.module import LayerFusionModule
 
     class ParseOnly(LayerFusionCLI):
         def _set_seed(self) -> None:  # parsing only: no global seeding
@@ -584,18 +582,7 @@ def settings_hash(cfg: dict) -> str:
         def instantiate_classes(self) -> None:
             pass
 
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        cli = ParseOnly(
-            LayerFusionModule,
-            TextClassificationDataModule,
-            args=cfg,
-            run=False,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-        )
-    finally:
-        sys.argv = argv
+    cli = _cli(ParseOnly, cfg)
     resolved = json.loads(cli.parser.dump(cli.config, skip_none=False, format="json"))
     resolved.get("trainer", {}).pop("logger", None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
@@ -611,12 +598,19 @@ def extraction_seconds(entries: list[Path]) -> float:
 def instantiate(cfg: dict):
     """Trainer, model and datamodule from a config dict, exactly as `layerfusion fit --config` builds them."""
     from layerfusion.cli import LayerFusionCLI
+
+    cli = _cli(LayerFusionCLI, cfg)
+    return cli.trainer, cli.model, cli.datamodule
+
+
+def _cli(cli_class, cfg: dict):
+    """`cli_class` (a LayerFusionCLI) over the config dict `cfg`, not over this command line."""
     from layerfusion.data.datamodule import TextClassificationDataModule
     from layerfusion.module import LayerFusionModule
 
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the config comes from `cfg`, not this command line
+    argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        cli = LayerFusionCLI(
+        return cli_class(
             LayerFusionModule,
             TextClassificationDataModule,
             args=cfg,
@@ -626,7 +620,6 @@ def instantiate(cfg: dict):
         )
     finally:
         sys.argv = argv
-    return cli.trainer, cli.model, cli.datamodule
 
 
 class _Predictions(L.Callback):
