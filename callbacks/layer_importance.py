@@ -34,29 +34,35 @@ from layerfusion.importance.scores import jsonable, row_from_dict
 from layerfusion.tracking import log_image, log_metrics, log_table, write_json
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: scored on samples of train and dev
 
 
 class LayerImportance(Callback):
     """Per (encoder, layer): gradient magnitude, attention entropy, dev probe accuracy and a combined score.
 
-    Runs once at the start of `fit`, in `setup`, on the cached features of the train split (`grad_norm`,
-    probes) and the dev split (probe accuracy); attention entropy runs the encoders on a seeded sample of
-    train texts. The test split is never read. The table is kept on `self.table` (and in checkpoints),
-    written as `importance.csv` / `importance.json` to the run directory at `on_fit_start` (rank 0), with
-    the `selected` column set from the head's layers, and sent to the loggers.
+    Runs once at the start of `fit`, in `setup`, on a seeded sample of the train split (`grad_norm`,
+    probes; at most `max_train_rows` rows) and of the dev split (probe accuracy; at most `max_dev_rows`
+    rows), each stratified by class and kept in row order; attention entropy runs the encoders on a
+    seeded sample of the scored train texts. Only the sampled rows are extracted (every layer, through
+    `pl_module.extract_split`); when a sample is the whole split its texts are the split's texts, so the
+    module's own extraction of that split reads the same cache entry. The test split is never read. The
+    table is kept on `self.table` (and in checkpoints), written as `importance.csv` / `importance.json`
+    to the run directory at `on_fit_start` (rank 0), with the `selected` column set from the head's
+    layers, and sent to the loggers.
 
     - `grad_norm`: a linear head over all layers of all encoders is fitted (L-BFGS) on the z-scored train
-      features; then the mean over train rows of `||d loss_i / d x_i[layer]||_2`.
+      sample; then the mean over the sampled train rows of `||d loss_i / d x_i[layer]||_2`.
     - `attention_entropy`: mean over valid query tokens of the head-mean entropy (nats) of the attention
       over valid keys, eager attention for the sample only; NaN for layer 0 (no attention).
-    - `probe_acc`: dev accuracy of a linear probe (L-BFGS, z-scored features) on that layer alone.
+    - `probe_acc`: accuracy on the dev sample of a linear probe (L-BFGS, z-scored features) fitted on the
+      train sample, on that layer alone.
     - `score`: see `layerfusion.importance.scores` — per-encoder min-max of each component, weighted mean
       with `|weight|`, a negative weight prefers low values, NaN components drop out; in [0, 1].
 
-    Under DDP the probes are shared out over ranks and summed, each rank computes gradient norms and
-    entropy over its share of rows, sums and counts are reduced, and rank 0's table is broadcast: every
-    rank holds the same table, equal (up to float summation order) to a single-process run.
+    Under DDP the sampled rows' extraction is sharded over ranks (as any split's), the probes are shared
+    out over ranks and summed, each rank computes gradient norms and entropy over its share of rows,
+    sums and counts are reduced, and rank 0's table is broadcast: every rank holds the same table, equal
+    (up to float summation order) to a single-process run.
 
     Args:
         weights: weight per component (`probe_acc`, `grad_norm`, `attention_entropy`), merged over the
@@ -64,18 +70,25 @@ class LayerImportance(Callback):
             negative weight prefers low values (sharp attention).
         l2: L2 penalty of the probes and of the scoring head (on the mean cross-entropy).
         max_iter: L-BFGS iterations of each probe and of the scoring head.
-        max_train_rows: score on a seeded subset of this many train rows (None = all).
-        attention_samples: train texts (seeded sample) run with eager attention; 0 skips attention entropy.
+        max_train_rows: score on a seeded, stratified sample of this many train rows (None = all). The
+            default 10,000 keeps every paper dataset's train split whole (SST-2 6,920; MR, R8, R52
+            fewer) and bounds extraction and memory on large corpora (`sst2_glue`: 67,349); a 4,000-row
+            sample already picks (nearly) the full-data layers (`results/importance_sample/`).
+        max_dev_rows: the same for the dev split (None = all); the default 2,000 keeps every paper
+            dataset's dev split whole (at most 872 rows).
+        attention_samples: train texts (seeded sample of the scored rows) run with eager attention; 0
+            skips attention entropy.
         attention_batch_size: batch size of that run.
         batch_size: rows per batch of the gradient pass.
-        seed: seed of the row subsets.
+        seed: seed of the row samples.
         dirpath: where to write the table (default: `trainer.default_root_dir`, the run directory, as
             `RunReport` does).
         filename: file stem of the table (`<filename>.csv`, `<filename>.json`).
         cache: reuse the components scored before under the same inputs: the feature cache keys of the
-            train and dev splits (encoder weights, tokenizer, texts, ...), their labels, the scoring
-            settings above and the seed. Stored beside the feature cache (`model.cache_dir/importance`);
-            a corrupt or mismatched entry is rebuilt. The weights are applied afresh on every read.
+            sampled train and dev texts (encoder weights, tokenizer, texts, ...), their labels, the
+            scoring settings above (sample sizes and seed included). Stored beside the feature cache
+            (`model.cache_dir/importance`); a corrupt or mismatched entry is rebuilt. A hit extracts
+            nothing. The weights are applied afresh on every read.
     """
 
     def __init__(
@@ -83,7 +96,8 @@ class LayerImportance(Callback):
         weights: dict[str, float] | None = None,
         l2: float = 1e-3,
         max_iter: int = 100,
-        max_train_rows: int | None = None,
+        max_train_rows: int | None = 10_000,
+        max_dev_rows: int | None = 2_000,
         attention_samples: int = 256,
         attention_batch_size: int = 32,
         batch_size: int = 256,
@@ -112,16 +126,18 @@ class LayerImportance(Callback):
                 raise ConfigError(
                     f"LayerImportance: {name} must be an integer >= {low}, got {value!r}"
                 )
-        if max_train_rows is not None and max_train_rows < 2:
-            raise ConfigError(
-                f"LayerImportance: max_train_rows must be >= 2 or None, got {max_train_rows}"
-            )
+        for name, value in (("max_train_rows", max_train_rows), ("max_dev_rows", max_dev_rows)):
+            if value is not None and (int(value) != value or value < 2):
+                raise ConfigError(
+                    f"LayerImportance: {name} must be an integer >= 2 or None, got {value!r}"
+                )
         if not filename or "/" in filename:
             raise ConfigError(
                 f"LayerImportance: filename must be a plain file stem, got {filename!r}"
             )
         self.l2, self.max_iter = float(l2), int(max_iter)
-        self.max_train_rows = max_train_rows
+        self.max_train_rows = None if max_train_rows is None else int(max_train_rows)
+        self.max_dev_rows = None if max_dev_rows is None else int(max_dev_rows)
         self.attention_samples, self.attention_batch_size = (
             int(attention_samples),
             int(attention_batch_size),
@@ -192,13 +208,12 @@ class LayerImportance(Callback):
                 "LayerImportance needs a map-style train split: set data.streaming=false"
             )
         strategy, device = trainer.strategy, trainer.strategy.root_device
-        pl_module.prepare_features("fit")
         dm.setup("fit")
-        feats = {
-            s: pl_module.features.get(s) or pl_module.extract_split(dm.texts(s), s)
-            for s in ("train", "val")
+        samples = {
+            "train": self._sample(dm, "train", self.max_train_rows),
+            "val": self._sample(dm, "val", self.max_dev_rows),
         }
-        key = self._key(pl_module, dm, device)
+        key = self._key(pl_module, samples, device)
         cached = self._read_cache(pl_module, key) if trainer.is_global_zero and self.cache else None
         cached = strategy.broadcast(cached, src=0)
         if cached is not None:
@@ -209,27 +224,33 @@ class LayerImportance(Callback):
                 "layer importance from the cache (%s): %s", self.cache_path, _summary(self.table)
             )
             return self.table
-        train_y_all = torch.tensor(dm.label_ids("train"), dtype=torch.long)
-        rows = self._train_rows(train_y_all)
-        train_y, dev_y = (
-            train_y_all[rows].to(device),
-            torch.tensor(dm.label_ids("val"), dtype=torch.long, device=device),
-        )
+        start = time.perf_counter()
+        # every layer of the sampled rows only (the module extracts the selected layers of whole splits)
+        feats = {s: pl_module.extract_split(texts, s, device) for s, (texts, _) in samples.items()}
+        self.seconds["extract"] = time.perf_counter() - start
+        train_y = torch.tensor(samples["train"][1], dtype=torch.long, device=device)
+        dev_y = torch.tensor(samples["val"][1], dtype=torch.long, device=device)
         num_classes = len(pl_module.label_names)
-        # z-score each (layer, dim) with train statistics; out of place: `.to` may return the module's
-        # own cached features (float32 cache on the CPU), which validation reads afterwards
-        train = {e: x[rows].to(device, torch.float32) for e, x in feats["train"].items()}
+        # z-score each (layer, dim) with the train sample's statistics; out of place: the features may be
+        # the cache's own tensors (float32 cache on the CPU), which the module may read afterwards
+        train = {e: _rows(x).to(device, torch.float32) for e, x in feats["train"].items()}
         mean = {e: x.mean(0, keepdim=True) for e, x in train.items()}
         std = {e: x.std(0, keepdim=True).clamp_min(1e-6) for e, x in train.items()}
         train = {e: (x - mean[e]) / std[e] for e, x in train.items()}
-        dev = {e: (x.to(device, torch.float32) - mean[e]) / std[e] for e, x in feats["val"].items()}
+        dev = {
+            e: (_rows(x).to(device, torch.float32) - mean[e]) / std[e]
+            for e, x in feats["val"].items()
+        }
+        del feats
         rank, world = trainer.global_rank, trainer.world_size
 
         start = time.perf_counter()
         pairs = [(e, layer) for e, x in train.items() for layer in range(x.shape[1])]
         acc = torch.zeros(len(pairs), dtype=torch.float64, device=device)
         for j, (e, layer) in enumerate(pairs):
-            if j % world == rank:  # each rank fits its share of the probes on the whole train split
+            if (
+                j % world == rank
+            ):  # each rank fits its share of the probes on the whole train sample
                 acc[j] = probe_accuracy(
                     train[e][:, layer],
                     train_y,
@@ -253,7 +274,7 @@ class LayerImportance(Callback):
         self.seconds["grad_norm"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        entropy = self._attention_entropy(trainer, pl_module, dm.texts("train"), rows, device)
+        entropy = self._attention_entropy(trainer, pl_module, samples["train"][0], device)
         self.seconds["attention_entropy"] = time.perf_counter() - start
 
         table = [
@@ -275,27 +296,32 @@ class LayerImportance(Callback):
         log.info("layer importance (%.1f s): %s", sum(self.seconds.values()), _summary(self.table))
         return self.table
 
-    def _train_rows(self, labels: torch.Tensor) -> torch.Tensor:
-        """The train rows scored: all, or a seeded subset of `max_train_rows` stratified by class (in row order)."""
-        n = len(labels)
-        if self.max_train_rows is None or self.max_train_rows >= n:
-            return torch.arange(n)
-        return stratified_rows(labels, self.max_train_rows, self.seed)
+    def _sample(self, dm, split: str, limit: int | None) -> tuple[list[str], list[int]]:
+        """(texts, class ids) of the rows of `split` scored: all (the split's own text list), or a seeded
+        sample of `limit` rows stratified by class, in row order."""
+        texts, labels = dm.texts(split), dm.label_ids(split)
+        if limit is None or limit >= len(texts):
+            return texts, labels
+        rows = stratified_rows(torch.tensor(labels), limit, self.seed).tolist()
+        return [texts[i] for i in rows], [labels[i] for i in rows]
 
-    def _key(self, pl_module, dm, device: torch.device) -> dict:
+    def _key(self, pl_module, samples: dict[str, tuple[list[str], list[int]]], device) -> dict:
         """Everything the scores depend on (the combined score's weights are applied after reading)."""
-        # the feature cache's keys name what the features depend on (weights, tokenizer, texts, ...);
-        # the spec adds the encoder's settings as configured (e.g. its compute precision)
+        # the feature cache's keys name what the sampled rows' features depend on (weights, tokenizer,
+        # texts, ...); the spec adds the encoder's settings as configured (e.g. its compute precision)
         features = {
             e: {
                 "spec": asdict(enc.spec),
-                **{s: pl_module.cache.key(enc, dm.texts(s), s) for s in ("train", "val")},
+                **{
+                    s: pl_module.cache.key(enc, texts, s, device)
+                    for s, (texts, _) in samples.items()
+                },
             }
             for e, enc in pl_module.encoders.items()
         }
         labels = {
-            s: hashlib.sha256(json.dumps(dm.label_ids(s)).encode()).hexdigest()
-            for s in ("train", "val")
+            s: hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+            for s, (_, ids) in samples.items()
         }
         settings = {
             k: getattr(self, k)
@@ -303,6 +329,7 @@ class LayerImportance(Callback):
                 "l2",
                 "max_iter",
                 "max_train_rows",
+                "max_dev_rows",
                 "attention_samples",
                 "attention_batch_size",
                 "batch_size",
@@ -342,13 +369,12 @@ class LayerImportance(Callback):
         return rows
 
     def _attention_entropy(
-        self, trainer, pl_module, texts: list[str], rows: torch.Tensor, device
+        self, trainer, pl_module, texts: list[str], device
     ) -> dict[str, torch.Tensor]:
-        """`{encoder: [L+1]}` mean attention entropy over a seeded sample of the scored train rows; NaN for layer 0."""
+        """`{encoder: [L+1]}` mean attention entropy over a seeded sample of the scored train `texts`; NaN
+        for layer 0."""
         g = torch.Generator().manual_seed(self.seed + 1)
-        sample = (
-            rows[torch.randperm(len(rows), generator=g)[: self.attention_samples]].sort().values
-        )
+        sample = torch.randperm(len(texts), generator=g)[: self.attention_samples].sort().values
         mine = sample[trainer.global_rank :: trainer.world_size].tolist()
         out = {}
         for key, encoder in pl_module.encoders.items():
@@ -405,6 +431,11 @@ def _summary(table: list[LayerScore]) -> str:
         best = sorted((r for r in table if r.encoder == e), key=lambda r: -r.score)[:3]
         parts.append(f"{e}: " + ", ".join(f"L{r.layer}={r.score:.2f}" for r in best))
     return "; ".join(parts)
+
+
+def _rows(features) -> torch.Tensor:
+    """All rows of a feature store as one tensor `[N, L, d]` (a tensor, or a store indexed by row tensors)."""
+    return features[torch.arange(features.shape[0])]
 
 
 def stratified_rows(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -229,6 +229,10 @@ def test_callback_arguments_are_validated():
         LayerImportance(weights={"probe_acc": 0, "grad_norm": 0, "attention_entropy": 0})
     with pytest.raises(ConfigError, match="attention_samples"):
         LayerImportance(attention_samples=-1)
+    with pytest.raises(ConfigError, match="max_dev_rows must be an integer >= 2 or None, got 1"):
+        LayerImportance(max_dev_rows=1)
+    with pytest.raises(ConfigError, match="max_train_rows must be an integer >= 2"):
+        LayerImportance(max_train_rows=2.5)
     with pytest.raises(ConfigError, match="strategy"):
         LayerSelection(strategy="best")
     with pytest.raises(ConfigError, match="needs `layers`"):
@@ -433,6 +437,20 @@ def test_importance_is_cached_under_its_inputs(
         (r.encoder, r.layer, r.probe_acc) for r in first.table
     ]
 
+    # the sample is in the key (its size, seed, texts and labels): another sample is another entry;
+    # a hit extracts nothing at all
+    sampled = _importance(cache=True, max_train_rows=100)
+    spy, _ = _fit_spied(tmp_path / "6", tiny_models, sst2_slice, cache_dir, sampled)
+    assert spy.before_module_setup == 2 and len(spy.calls[0][1]) == 100
+    assert sampled.cache_path not in (first.cache_path, other.cache_path)
+    reseeded = _importance(cache=True, max_train_rows=100, seed=1)
+    _fit_spied(tmp_path / "7", tiny_models, sst2_slice, cache_dir, reseeded)
+    assert reseeded.cache_path != sampled.cache_path
+    hit = _importance(cache=True, max_train_rows=100)
+    spy, _ = _fit_spied(tmp_path / "8", tiny_models, sst2_slice, cache_dir, hit)
+    assert spy.before_module_setup == 0 and hit.seconds == {}
+    assert hit.cache_path == sampled.cache_path and _nan_safe(hit.table) == _nan_safe(sampled.table)
+
 
 def _nan_safe(table: list[LayerScore]) -> str:
     """A table as JSON text: equal tables compare equal even with NaN cells."""
@@ -511,6 +529,113 @@ def test_callback_order_does_not_matter_and_fixed_needs_no_scores(
         _fit(tmp_path / "none", tiny_models, sst2_slice, cache, [LayerSelection(strategy="top_k")])
 
 
+# -- scoring on a sample -------------------------------------------------------------------------
+
+
+class ExtractSpy(L.Callback):
+    """Records the module's `extract_split` calls (a wrapper around the real method: the encoders run);
+    placed after `LayerImportance`, its `setup` notes what scoring had extracted and what the module
+    held by then (the module's own `setup` runs after every callback's)."""
+
+    def __init__(self, model: LayerFusionModule) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.before_module_setup: int | None = None
+        self.module_features: list[str] | None = None
+        real = model.extract_split
+
+        def extract_split(texts, split, *args, **kw):
+            self.calls.append((split, list(texts)))
+            return real(texts, split, *args, **kw)
+
+        model.extract_split = extract_split
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.before_module_setup = len(self.calls)
+        self.module_features = sorted(pl_module.features)
+
+
+def _fit_spied(tmp_path, tiny_models, data_dir, cache, importance, **kw):
+    """`_fit` with an `ExtractSpy` after `importance`; (spy, datamodule)."""
+    L.seed_everything(0)
+    dm, model = _build(tiny_models, data_dir, cache)
+    spy = ExtractSpy(model)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=tmp_path / "run",
+        callbacks=[importance, spy],
+        **kw,
+    )
+    trainer.fit(model, dm)
+    return spy, dm
+
+
+def _subset_dataset(src: Path, dst: Path, rows: dict[str, list[int]]) -> Path:
+    """A copy of the dataset whose train and dev splits hold only `rows[split]` (in row order)."""
+    shutil.copytree(src, dst)
+    for split, name in (("train", "train.jsonl"), ("val", "dev.jsonl")):
+        lines = (dst / name).read_text(encoding="utf-8").splitlines()
+        (dst / name).write_text("".join(lines[i] + "\n" for i in rows[split]), encoding="utf-8")
+    return dst
+
+
+def test_importance_scores_a_stratified_sample_and_extracts_only_its_rows(
+    tmp_path, tiny_models, sst2_slice, cache
+):
+    importance = _importance(max_train_rows=60, max_dev_rows=30, seed=5)
+    spy, dm = _fit_spied(tmp_path / "sample", tiny_models, sst2_slice, cache, importance)
+
+    # scoring extracted the two samples, every layer, before the module's setup, and nothing else; it
+    # did not make the module extract (or hold) anything
+    assert spy.before_module_setup == 2 and spy.module_features == []
+    (train_split, train_texts), (dev_split, dev_texts) = spy.calls[:2]
+    rows = {
+        s: stratified_rows(torch.tensor(dm.label_ids(s)), n, 5).tolist()
+        for s, n in (("train", 60), ("val", 30))
+    }
+    assert (train_split, dev_split) == ("train", "val")
+    assert train_texts == [dm.texts("train")[i] for i in rows["train"]]
+    assert dev_texts == [dm.texts("val")[i] for i in rows["val"]]
+    # stratified by class, seeded: another seed draws other rows in the same class proportions
+    labels = torch.tensor(dm.label_ids("train"))
+    share = torch.bincount(labels, minlength=2) * 60 / len(labels)
+    assert (torch.bincount(labels[rows["train"]], minlength=2) - share).abs().max() <= 1
+    other = LayerImportance(max_train_rows=60, seed=6)._sample(dm, "train", 60)[0]
+    assert (
+        other != train_texts and LayerImportance(seed=5)._sample(dm, "train", 60)[0] == train_texts
+    )
+    # the probes are scored on the 30 dev rows of the sample: accuracies are counts out of 30
+    assert all(
+        round(r.probe_acc * 30) == pytest.approx(r.probe_acc * 30, abs=1e-4)
+        for r in importance.table
+    )
+
+    # the sample's table is the table of a dataset made of exactly those rows, scored whole
+    subset = _subset_dataset(sst2_slice, tmp_path / "subset", rows)
+    whole = _importance(max_train_rows=None, max_dev_rows=None, seed=5)
+    _fit_spied(tmp_path / "subset-run", tiny_models, subset, cache, whole)
+    assert _nan_safe(whole.table) == _nan_safe(importance.table)
+
+
+def test_a_sample_as_large_as_the_split_is_the_split(tmp_path, tiny_models, sst2_slice, cache):
+    """Limits at (or above) the split sizes score the whole splits: the same texts as the module's own
+    extraction (one cache entry serves both) and the same table as no limit at all."""
+    tables = []
+    for limits in ((200, 80), (None, None)):
+        importance = _importance(max_train_rows=limits[0], max_dev_rows=limits[1])
+        spy, dm = _fit_spied(tmp_path / str(limits[0]), tiny_models, sst2_slice, cache, importance)
+        assert spy.calls[:2] == [("train", dm.texts("train")), ("val", dm.texts("val"))]
+        tables.append(_nan_safe(importance.table))
+    assert tables[0] == tables[1]
+
+
 # -- DDP ------------------------------------------------------------------------------------------
 
 
@@ -536,7 +661,9 @@ def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(
 ):
     def run(devices: int, strategy: str, out: Path):
         out.mkdir()
-        cbs = [_importance(), LayerSelection(strategy="top_k", k=1), RecordSelection(str(out))]
+        # scored on samples (extracted, sharded, on both ranks) of 120 train and 60 dev rows
+        importance = _importance(max_train_rows=120, max_dev_rows=60)
+        cbs = [importance, LayerSelection(strategy="top_k", k=1), RecordSelection(str(out))]
         return _fit(
             out,
             tiny_models,
