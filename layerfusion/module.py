@@ -15,7 +15,13 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
 from layerfusion.errors import ConfigError
-from layerfusion.features.cache import CacheDtype, FeatureCache
+from layerfusion.features.cache import (
+    CHUNK_ROWS,
+    TOKEN_BUDGET,
+    CachedFeatures,
+    CacheDtype,
+    FeatureCache,
+)
 from layerfusion.fusion.heads import HeadKind, _safe, build_head
 
 log = logging.getLogger(__name__)
@@ -39,10 +45,14 @@ class LayerFusionModule(L.LightningModule):
         dropout: dropout inside the head.
         lr: AdamW learning rate of the head.
         weight_decay: AdamW weight decay.
-        features: `cached` extracts every split once to the feature cache; `online` runs the encoders every step.
+        features: `cached` extracts every split once to the feature cache (only the layers the head reads,
+            each encoder stopping at the deepest); `online` runs the encoders every step.
         cache_dir: where cached features live.
         cache_dtype: storage dtype of cached features.
-        extract_batch_size: batch size of feature extraction (length-sorted batches).
+        extract_token_budget: padded tokens per extraction batch (rows x longest row, length-sorted batches):
+            bounds extraction memory whatever the text lengths. None = no bound.
+        extract_batch_size: rows per extraction batch at most (None = as many as the token budget allows).
+        cache_chunk_rows: rows per cache chunk: the unit a killed extraction resumes from.
     """
 
     def __init__(
@@ -58,7 +68,9 @@ class LayerFusionModule(L.LightningModule):
         features: Literal["cached", "online"] = "cached",
         cache_dir: str = "~/.cache/layerfusion/features",
         cache_dtype: CacheDtype = "float16",
-        extract_batch_size: int = 64,
+        extract_token_budget: int | None = TOKEN_BUDGET,
+        extract_batch_size: int | None = None,
+        cache_chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         super().__init__()
         if not encoders:
@@ -90,7 +102,9 @@ class LayerFusionModule(L.LightningModule):
         )
         self.encoders = nn.ModuleDict({s.key: FrozenEncoder(s) for s in specs})
         self.label_names = list(label_names)
-        self.cache = FeatureCache(cache_dir, cache_dtype, extract_batch_size)
+        self.cache = FeatureCache(
+            cache_dir, cache_dtype, extract_batch_size, extract_token_budget, cache_chunk_rows
+        )
         self.head = self.build_head(layers)
         metrics = MetricCollection(
             {
@@ -101,7 +115,7 @@ class LayerFusionModule(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
-        self.features: dict[str, dict[str, torch.Tensor]] = {}
+        self.features: dict[str, dict[str, CachedFeatures]] = {}
         self.extract_seconds: dict[str, float] = {}
 
     # -- structure -------------------------------------------------------------------------------
@@ -130,80 +144,88 @@ class LayerFusionModule(L.LightningModule):
     # -- features --------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Extract (or read from the cache) the features of every split this stage needs."""
-        self.prepare_features(stage)
+        """Fit: extract (or read from the cache) the train and val features of the selected layers.
+
+        Callbacks' `setup` (`LayerSelection`) runs before this, so the selection is final here. Other
+        stages extract in `on_*_start`, after Lightning has restored a `ckpt_path` checkpoint (and with it
+        the head's selection)."""
+        if stage == "fit":
+            self.prepare_features("fit")
+
+    def on_validation_start(self) -> None:
+        self.prepare_features(self.trainer.state.fn.value)  # in fit: held since setup
+
+    def on_test_start(self) -> None:
+        self.prepare_features("test")
+
+    def on_predict_start(self) -> None:
+        self.prepare_features("predict")
 
     def prepare_features(self, stage: str) -> None:
-        """Make `self.features[split]` ready for each split of `stage` (idempotent; callbacks may call it
-        from their own `setup`, which runs before this module's). Each encoder is run only up to the
-        deepest layer that `feature_depths(stage)` asks for."""
+        """Make `self.features[split]` hold the selected layers of each split of `stage` (idempotent: held
+        features that include them are narrowed, not read again)."""
         if self.hparams.features != "cached":
             return
         dm = self.trainer.datamodule
         dm.setup(stage)
         device = self.trainer.strategy.root_device
-        depths = self.feature_depths(stage)
+        needed = self.selection
         for split in STAGE_SPLITS.get(stage, []):
             held = self.features.get(split)
-            if held is not None and all(held[k].shape[1] > d for k, d in depths.items()):
+            if held is not None and all(set(v) <= set(held[k].layers) for k, v in needed.items()):
+                self.features[split] = {k: f.select(needed[k]) for k, f in held.items()}
                 continue
             # predicting on the test split reads the test split's cache entry
             name = "test" if split == "predict" and dm.predict_path is None else split
-            self.features[split] = self.extract_split(dm.texts(split), name, device, depths)
+            self.features[split] = self.extract_split(dm.texts(split), name, device, needed)
 
     def extract_split(
         self,
         texts: list[str],
         split: str,
         device: torch.device | str = "cpu",
-        depths: dict[str, int] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Cached features `{encoder: [N, depth+1, d]}` of `texts`, layers 0..`depths[encoder]` (default: all
-        layers); under DDP each rank extracts its shard."""
+        layers: dict[str, list[int]] | None = None,
+    ) -> dict[str, CachedFeatures]:
+        """Cached features `{encoder: [N, len(layers), d]}` of `texts`: `layers[encoder]` (absolute indices;
+        None or an encoder left out = all layers), extracted with early exit at the deepest one where no
+        entry holds them. Under DDP the ranks share the extraction out by chunks. The build time adds up
+        in `extract_seconds[split]`."""
         trainer = self._trainer
-        shard, barrier = (0, 1), None
-        if trainer is not None and trainer.world_size > 1:
-            shard = (trainer.global_rank, trainer.world_size)
-            barrier = lambda: trainer.strategy.barrier("layerfusion-features")  # noqa: E731
+        dist = trainer.strategy if trainer is not None else None
         out, seconds = {}, 0.0
         for key, encoder in self.encoders.items():
-            depth = (depths or {}).get(key)
-            out[key] = self.cache.load_or_build(
-                encoder, texts, split, device, shard=shard, barrier=barrier, depth=depth
-            )
-            seconds += self.cache.last_build_seconds or 0.0
-        self.extract_seconds[split] = seconds
+            wanted = (layers or {}).get(key)
+            out[key] = self.cache.load_or_build(encoder, texts, split, device, wanted, dist)
+            seconds += self.cache.last_build_seconds
+        self.extract_seconds[split] = self.extract_seconds.get(split, 0.0) + seconds
         return out
 
     def batch_features(self, batch: dict, split: str) -> dict[str, torch.Tensor]:
-        """`{encoder: [B, depth+1, d]}` for a batch, up to the deepest selected layer: looked up in the
-        cache, or computed by the encoders (which stop there)."""
-        depths = {k: max(layers) for k, layers in self.selection.items()}
+        """`{encoder: [B, depth+1, d]}` fp32 for a batch, up to the deepest selected layer: computed by the
+        encoders (which stop there), or the cached selected layers at their absolute positions (the
+        layers the head does not read are zeros)."""
         if self.hparams.features == "online":
+            depths = {k: max(layers) for k, layers in self.selection.items()}
             return {
                 k: enc(**batch["inputs"][k], depth=depths[k]) for k, enc in self.encoders.items()
             }
-        held = self.features[split]
-        if any(held[k].shape[1] <= d for k, d in depths.items()):
-            # the selection moved deeper after extraction (e.g. restored from a checkpoint)
+        held = self.features.get(split)
+        if held is None or any(
+            not set(v) <= set(held[k].layers) for k, v in self.selection.items()
+        ):  # the selection changed after extraction (e.g. restored from a checkpoint)
             self.prepare_features(self.trainer.state.fn.value)
             held = self.features[split]
         rows = batch["index"].cpu()
-        return {k: feats[rows].to(self.device, torch.float32) for k, feats in held.items()}
-
-    def feature_depths(self, stage: str | None = None) -> dict[str, int]:
-        """The deepest layer each encoder must compute for `stage`: the deepest selected layer, or every
-        layer while fitting with `LayerImportance` (it scores them all on train and val)."""
-        from layerfusion.callbacks.layer_importance import LayerImportance
-
-        trainer = self._trainer
-        if (
-            stage == "fit"
-            and trainer is not None
-            and any(isinstance(c, LayerImportance) for c in trainer.callbacks)
-        ):
-            return {k: e.num_layers - 1 for k, e in self.encoders.items()}
-        return {k: max(layers) for k, layers in self.selection.items()}
+        out = {}
+        for k, feats in held.items():
+            placed = torch.zeros(
+                (len(rows), max(feats.layers) + 1, feats.shape[2]),
+                dtype=torch.float32,
+                device=self.device,
+            )
+            placed[:, feats.layers] = feats[rows].to(self.device, torch.float32)
+            out[k] = placed
+        return out
 
     # -- steps -----------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from layerfusion.errors import LayerFusionError
 
 # file suffix -> format; the text formats may also be gzipped (`.jsonl.gz`, `.csv.gz`, ...)
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+_SURROGATE = re.compile("[\\ud800-\\udfff]")  # half of a UTF-16 pair: no character, not encodable
 
 
 class DataError(LayerFusionError, ValueError):
@@ -159,6 +160,8 @@ def to_examples(
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where(i)}: {_field_problem(text, text_field, 'a string', where(i))}")
+        if _SURROGATE.search(text):
+            raise DataError(f"{where(i)}: {surrogate_problem(text, text_field)}")
     if not has_labels:
         if require_labels:
             raise DataError(
@@ -380,11 +383,22 @@ def _object_problem(obj, text_field: str, label_field: str) -> str | None:
     text = obj.get(text_field)
     if text is not None and not isinstance(text, str):
         return f"field '{text_field}' must be a string, got {type(text).__name__} {text!r}"
+    if isinstance(text, str) and _SURROGATE.search(text):
+        return surrogate_problem(text, text_field)
     try:
         label_str(obj.get(label_field))
     except ValueError as err:
         return f"field '{label_field}' {err}"
     return None
+
+
+def surrogate_problem(text: str, field: str) -> str:
+    """Why a text with a lone surrogate (e.g. a JSON `\\ud800` escape without its pair) is refused."""
+    found = _SURROGATE.search(text)
+    return (
+        f"field '{field}' has a lone surrogate (U+{ord(found.group()):04X}) at character {found.start()}: "
+        "not valid Unicode text; fix the text or the tool that escaped it"
+    )
 
 
 def _csv_problem(path: Path, fmt: str) -> DataError | None:

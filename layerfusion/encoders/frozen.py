@@ -173,18 +173,25 @@ class FrozenEncoder(nn.Module):
         return super().train(False)
 
     def fingerprint(self) -> str:
-        """SHA-256 over every weight and buffer: identifies the encoder's content for caching."""
+        """SHA-256 of what the encoder computes: its class, every weight and buffer (persistent or not, e.g.
+        rotary `inv_freq`) and its config (e.g. `rope_theta`, `layer_norm_eps`; not where it was loaded from)."""
         if self._fingerprint is None:
             h = hashlib.sha256(type(self.model).__name__.encode())
-            for name, tensor in sorted(self.model.state_dict().items()):
+            tensors = dict(self.model.state_dict())
+            tensors.update(
+                self.model.named_buffers()
+            )  # non-persistent buffers are not in the state dict
+            for name, tensor in sorted(tensors.items()):
                 h.update(name.encode())
                 h.update(str(tensor.dtype).encode())
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(config_text(self.model.config).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
     def tokenizer_fingerprint(self) -> str:
-        """SHA-256 of the tokenizer's definition (vocab, normalizer, special tokens; not its call state)."""
+        """SHA-256 of the tokenizer's definition (vocab, normalizer, special tokens) and of the sides it pads
+        and truncates on; not its per-call state."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             definition = json.loads(backend.to_str())
@@ -196,12 +203,34 @@ class FrozenEncoder(nn.Module):
             text = json.dumps(definition, sort_keys=True)
         else:
             text = repr(sorted(self.tokenizer.get_vocab().items()))
-        text += f"|pad={self.tokenizer.pad_token}|side={self.tokenizer.padding_side}"
+        text += (
+            f"|pad={self.tokenizer.pad_token}|side={self.tokenizer.padding_side}"
+            f"|truncation_side={self.tokenizer.truncation_side}"
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
     def close(self) -> None:
         """Remove the taps' hooks (the next forward registers them again)."""
         self.taps.remove()
+
+
+CONFIG_TRANSIENT = (
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+)
+"""Config fields that say where or by what a model was saved, not what it computes (the weights' dtype is
+hashed with the weights)."""
+
+
+def config_text(config) -> str:
+    """The model config as canonical JSON, without the fields in `CONFIG_TRANSIENT`."""
+    fields = json.loads(config.to_json_string())
+    for name in CONFIG_TRANSIENT:
+        fields.pop(name, None)
+    return json.dumps(fields, sort_keys=True)
 
 
 def load_pretrained(spec: EncoderSpec):
