@@ -18,14 +18,16 @@ class ResourceMonitor(L.Callback):
     """Measure feature extraction, head training and inference; write `<default_root_dir>/resources.json`
     (one entry per stage, merged across fit / test / predict) and log `resources/*` to the loggers.
 
-    Figures: `extract_s` (feature extraction or cache reads, summed over encoders and splits), `train_s`
-    and `train_examples_per_s` (head training, all epochs), `<stage>_s` and `<stage>_examples_per_s`
-    for validate / test / predict, and `peak_mem_mb`: peak CUDA memory allocated when on a GPU,
-    otherwise the process's peak resident set size (RSS). Measured on rank 0.
+    Figures: `extract_s` (feature extraction, summed over encoders and splits; 0 for cache hits),
+    `train_s` and `train_examples_per_s` (head training, all epochs), `<stage>_s` and
+    `<stage>_examples_per_s` for test / predict (without the extraction the module runs at the start of
+    the stage), and `peak_mem_mb`: peak CUDA memory allocated when on a GPU, otherwise the process's
+    peak resident set size (RSS). Measured on rank 0.
     """
 
     def __init__(self) -> None:
         self._start: dict[str, float] = {}
+        self._extract_before: dict[str, float] = {}
         self._examples: dict[str, int] = {}
         self.figures: dict[str, dict[str, float]] = {}
 
@@ -36,7 +38,7 @@ class ResourceMonitor(L.Callback):
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
-        self._begin("train")
+        self._begin("train", pl_module)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -48,7 +50,7 @@ class ResourceMonitor(L.Callback):
 
     @override
     def on_test_start(self, trainer, pl_module) -> None:
-        self._begin("test")
+        self._begin("test", pl_module)
 
     @override
     def on_test_batch_end(
@@ -62,7 +64,7 @@ class ResourceMonitor(L.Callback):
 
     @override
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._begin("predict")
+        self._begin("predict", pl_module)
 
     @override
     def on_predict_batch_end(
@@ -74,18 +76,21 @@ class ResourceMonitor(L.Callback):
     def on_predict_end(self, trainer, pl_module) -> None:
         self._end("predict", trainer, pl_module, stage="predict")
 
-    def _begin(self, name: str) -> None:
+    def _begin(self, name: str, pl_module) -> None:
         self._start[name] = time.perf_counter()
+        self._extract_before[name] = _extract_seconds(pl_module)
         self._examples[name] = 0
 
     def _end(self, name: str, trainer: L.Trainer, pl_module, stage: str) -> None:
+        # the module extracts a stage's features in its own `on_<stage>_start`, after this callback's
         seconds = time.perf_counter() - self._start[name]
+        seconds -= _extract_seconds(pl_module) - self._extract_before[name]
         # ranks may hold one row more or less (unpadded evaluation): add up what each one saw
         mine = torch.tensor(self._examples[name], device=pl_module.device)
         examples = int(trainer.strategy.reduce(mine, reduce_op="sum"))
         self._examples[name] = examples
         figures = {
-            "extract_s": float(sum(getattr(pl_module, "extract_seconds", {}).values())),
+            "extract_s": _extract_seconds(pl_module),
             f"{name}_s": seconds,
             f"{name}_examples": self._examples[name],
             f"{name}_examples_per_s": self._examples[name] / seconds if seconds > 0 else 0.0,
@@ -106,6 +111,11 @@ class ResourceMonitor(L.Callback):
             trainer,
             {f"resources/{k}": float(v) for k, v in figures.items() if isinstance(v, (int, float))},
         )
+
+
+def _extract_seconds(pl_module) -> float:
+    """Seconds the module has spent extracting features so far (all splits)."""
+    return float(sum(getattr(pl_module, "extract_seconds", {}).values()))
 
 
 def peak_memory_mb() -> float:

@@ -18,15 +18,17 @@ from conftest import MINILM, REPO
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent
+CHUNK_ROWS = 100
 
 
 def _config(d: Path, shared_data: Path, train: int, record: Path | None = None) -> Path:
-    """The quickstart on SST-2 rows with MiniLM; with `record`, the test-only `ddp_probe.RecordRanks`
-    callback writes the rows each epoch of this process trained on (see `_start`: tests/ on the path)."""
+    """The quickstart on SST-2 rows with MiniLM, cache chunks of 100 rows; with `record`, the test-only
+    `ddp_probe.RecordRanks` callback writes the rows each epoch of this process trained on (see `_start`:
+    tests/ on the path)."""
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
     cfg["model"]["cache_dir"] = str(d / "cache")
-    cfg["model"]["extract_batch_size"] = 16
+    cfg["model"]["cache_chunk_rows"] = CHUNK_ROWS
     cfg["data"].update(
         dataset="sst2", data_dir=str(shared_data), max_train_samples=train, max_eval_samples=100
     )
@@ -74,23 +76,32 @@ def _finish(proc: subprocess.Popen) -> str:
     return err
 
 
-def test_killed_during_extraction_then_rebuilt_identically(tmp_path, shared_data):
+def test_killed_during_extraction_resumes_at_the_first_missing_chunk(tmp_path, shared_data):
+    """SIGKILL of the real CLI while it extracts the train split (15 chunks of 100 rows): the rerun keeps
+    every chunk written before the kill (same files, untouched), extracts only the others, and the
+    entry is bit-identical to an uninterrupted build. The work lost is at most the chunk in progress."""
     cfg = _config(tmp_path, shared_data, train=1500)
     cache = tmp_path / "cache"
     proc = _start("fit", "--config", str(cfg), "--trainer.max_epochs", "1", cwd=tmp_path)
-    # kill once the train entry's array is being filled in its temporary directory
-    _kill_when(proc, lambda: any(p.name == "features.npy" for p in cache.rglob(".train-*.tmp-*/*")))
-    assert list(cache.rglob(".train-*.tmp-*")), "the killed run left its temporary directory"
+    _kill_when(proc, lambda: any(cache.rglob(".train-*.build-*/*.npy")))
+    (build,) = cache.rglob(".train-*.build-*")
+    before = {p.name: p.stat().st_mtime_ns for p in build.glob("*.npy")}
+    assert 1 <= len(before) < 15, "killed after a chunk was written, before the last"
     assert not [p for p in cache.rglob("manifest.json") if "train-" in p.parent.name], (
         "no complete-looking train entry"
     )
 
     err = _finish(_start("fit", "--config", str(cfg), "--trainer.max_epochs", "1", cwd=tmp_path))
-    assert "removing partial feature cache entry left by a killed run" in err
-    assert "extracted all-MiniLM-L6-v2/train: 1500 rows" in err
-    assert not list(cache.rglob("*.tmp-*"))
+    done = len(before)
+    assert f"resuming all-MiniLM-L6-v2/train: {done} of 15 chunks already built" in err
+    assert f"extracted all-MiniLM-L6-v2/train: {1500 - 100 * done} rows" in err
+    assert f"{15 - done} chunks -> " in err
+    (entry,) = [p.parent for p in cache.rglob("manifest.json") if "train-" in p.parent.name]
+    after = {p.name: p.stat().st_mtime_ns for p in entry.glob("*.npy")}
+    assert len(after) == 15 and {k: after[k] for k in before} == before  # kept, not rewritten
+    assert not build.exists() and not list(cache.rglob(".tmp-*"))
 
-    # identical to an uninterrupted extraction of the same rows
+    # bit-identical to an uninterrupted extraction of the same rows
     from layerfusion.data.datamodule import TextClassificationDataModule
     from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
     from layerfusion.features.cache import FeatureCache
@@ -100,13 +111,13 @@ def test_killed_during_extraction_then_rebuilt_identically(tmp_path, shared_data
     )
     dm.setup("fit")
     encoder = FrozenEncoder(EncoderSpec(MINILM, max_length=64))
-    fresh = FeatureCache(tmp_path / "fresh", batch_size=16).load_or_build(
+    fresh = FeatureCache(tmp_path / "fresh", chunk_rows=CHUNK_ROWS).load_or_build(
         encoder, dm.texts("train"), "train"
     )
-    resumed_cache = FeatureCache(cache, batch_size=16)
+    resumed_cache = FeatureCache(cache, chunk_rows=CHUNK_ROWS)
     resumed = resumed_cache.load_or_build(encoder, dm.texts("train"), "train")
-    assert resumed_cache.last_build_seconds == 0.0, "the rebuilt entry is read, not extracted again"
-    assert torch.equal(fresh, resumed)
+    assert resumed_cache.last_build_seconds == 0.0, "the resumed entry is read, not extracted again"
+    assert resumed.path == entry and torch.equal(fresh[:], resumed[:])
 
 
 def test_killed_during_fit_resumes_from_last(tmp_path, shared_data):

@@ -47,7 +47,7 @@ def test_bf16_extraction_matches_fp32_per_layer_on_real_sst2(tmp_path, shared_da
         dtype: FrozenEncoder(EncoderSpec(MINILM, max_length=64, compute_dtype=dtype))
         for dtype in ("float32", "bfloat16")
     }
-    feats = {dtype: cache.load_or_build(enc, rows, "val") for dtype, enc in encoders.items()}
+    feats = {dtype: cache.load_or_build(enc, rows, "val")[:] for dtype, enc in encoders.items()}
     assert feats["float32"].shape == (96, 7, 384)
     assert not torch.equal(feats["float32"], feats["bfloat16"])  # bf16 really ran
     cos = torch.nn.functional.cosine_similarity(feats["float32"], feats["bfloat16"], dim=-1)
@@ -108,7 +108,7 @@ def test_encoder_in_bf16_halves_its_memory_and_keeps_predictions(tmp_path, share
     ratio = bf16.model.get_memory_footprint() / fp32.model.get_memory_footprint()
     assert 0.49 < ratio < 0.51, ratio
     cache = FeatureCache(tmp_path, "float32")
-    a, b = cache.load_or_build(fp32, rows, "val"), cache.load_or_build(bf16, rows, "val")
+    a, b = cache.load_or_build(fp32, rows, "val")[:], cache.load_or_build(bf16, rows, "val")[:]
     assert cache.entry_dir(cache.key(fp32, rows, "val")) != cache.entry_dir(
         cache.key(bf16, rows, "val")
     )
