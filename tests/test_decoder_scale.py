@@ -47,10 +47,19 @@ def deep_decoder(tmp_path_factory, minilm_dir) -> str:
     return str(path)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one intra-op thread (two threads spinning on a busy machine took 25x longer here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 @pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode at the start of training")
 @pytest.mark.filterwarnings("ignore:The '\\w+_dataloader' does not have many workers")
-def test_fixed_selection_of_a_32_layer_decoder(tmp_path, deep_decoder, sst2_slice):
+def test_fixed_selection_of_a_32_layer_decoder(tmp_path, deep_decoder, sst2_slice, one_thread):
     L.seed_everything(0)
     specs = [EncoderSpec(deep_decoder, pooling="last", max_length=32, alias="llama")]
     dm = TextClassificationDataModule(dataset=str(sst2_slice), encoders=specs, batch_size=32)
