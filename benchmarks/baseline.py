@@ -26,7 +26,7 @@ def bench_hidden_states_baseline(sizes: Sizes, device: str, workdir: Path) -> di
         hash_seconds[spec.key] = timed(encoders[spec.key].fingerprint, "cpu")
     results: dict[str, dict[str, torch.Tensor]] = {}
 
-    def layerfusion(round_dir: Path) -> dict[str, torch.Tensor]:
+    def layerfusion(round_dir: Path) -> dict:
         """Empty cache, default settings: one tapped pass per model, checksummed and written to disk
         (the weights' SHA-256, paid once per encoder and process, is measured apart)."""
         cache = FeatureCache(round_dir, dtype="float32", batch_size=sizes.batch_size)
@@ -59,7 +59,7 @@ def bench_hidden_states_baseline(sizes: Sizes, device: str, workdir: Path) -> di
     )
     ratios = round_ratios(times["baseline"], times["layerfusion"])
     diff = {
-        key: (results["layerfusion"][key] - results["baseline"][key]).abs().max().item()
+        key: (results["layerfusion"][key][:] - results["baseline"][key]).abs().max().item()
         for key in loaded
     }
     for e in encoders.values():

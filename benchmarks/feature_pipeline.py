@@ -95,12 +95,12 @@ def layerfusion_pipeline(
 
 def feature_diff(specs: dict[str, EncoderSpec], lf_dir: Path, ref_dir: Path) -> dict[str, float]:
     """Largest difference between layerfusion's cached features and the reference's saved ones."""
-    import numpy as np
+    from layerfusion.features.cache import open_entry
 
     diffs = {}
     for key in specs:
-        cached = [p for p in lf_dir.rglob("features.npy") if key in str(p)]
-        array = torch.from_numpy(np.load(cached[0]))
+        cached = [p.parent for p in lf_dir.rglob("manifest.json") if key in str(p)]
+        array = open_entry(cached[0])[:]
         diffs[key] = max(
             (array[:, layer] - torch.load(layer_file(ref_dir, key, layer))).abs().max().item()
             for layer in range(array.shape[1])

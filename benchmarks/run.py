@@ -49,6 +49,10 @@ REPORTED = [
     "early_exit_max_abs_diff",
     "mpnet_sdpa_speedup",
     "mpnet_sdpa_max_abs_diff",
+    "selected_layers_disk_ratio",
+    "selected_layers_time_ratio",
+    "token_budget_rss_ratio",
+    "token_budget_sst2_time_ratio",
 ]
 """Figures printed in the summary, in this order."""
 
@@ -106,6 +110,7 @@ def benchmarks(sizes, device: str, threads: int, workdir: Path) -> dict[str, Cal
     from memory import bench_hidden_states_memory
     from mpnet_sdpa import bench_mpnet_sdpa
     from precision import bench_bf16_extract, bench_bf16_probe_parity
+    from scale import bench_scale
     from tap_overhead import bench_tap_overhead
 
     return {
@@ -121,6 +126,7 @@ def benchmarks(sizes, device: str, threads: int, workdir: Path) -> dict[str, Cal
         "cached_epoch": lambda: bench_cached_epoch(sizes, device, workdir / "epoch"),
         "reference_pipeline": lambda: bench_reference_pipeline(sizes, device, workdir / "pipeline"),
         "bf16_probe_parity": lambda: bench_bf16_probe_parity(sizes, device),
+        "scale": lambda: bench_scale(sizes, device, threads, workdir / "scale"),
     }
 
 
