@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SECRET = "sk-layerfusion-test-secret-0123456789"
+"""A fake API key in the CLI runs' environment (W&B's and the hub's): it must never be written anywhere."""
 ARCHS = [
     "bert",
     "roberta",
@@ -175,3 +180,70 @@ def run_cli(
             f"layerfusion {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+@pytest.fixture(scope="session")
+def minilm_config(tmp_path_factory, shared_data) -> Path:
+    """A directory with `full.yaml`: the quickstart config (W&B offline logger, checkpoints, run reports)
+    with MiniLM alone (64 tokens, float32 cache) on SST-2 (400 train / 120 dev / 120 test rows, 4 epochs)
+    plus the LayerImportance and LayerSelection (top 3) callbacks, completed by `fit --print_config`.
+    Its runs write to `<dir>/run` and cache features in `<dir>/cache`."""
+    import yaml
+
+    from layerfusion.cli import cli_main
+
+    d = tmp_path_factory.mktemp("cli")
+    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
+    cfg["model"]["cache_dir"] = str(d / "cache")
+    cfg["model"]["cache_dtype"] = (
+        "float32"  # predict's features then equal the Classifier's online ones
+    )
+    cfg["data"].update(
+        dataset="sst2", data_dir=str(shared_data), max_train_samples=400, max_eval_samples=120
+    )
+    cfg["trainer"]["max_epochs"] = 4
+    cfg["trainer"]["callbacks"][:0] = [
+        {
+            "class_path": "layerfusion.callbacks.LayerImportance",
+            "init_args": {"attention_samples": 32},
+        },
+        {
+            "class_path": "layerfusion.callbacks.LayerSelection",
+            "init_args": {"strategy": "top_k", "k": 3},
+        },
+    ]
+    (d / "small.yaml").write_text(yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run")))
+    # --print_config only parses: in this process (no `import lightning` of its own to pay for)
+    full = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(full):
+        mp.chdir(d)
+        mp.setattr(sys, "argv", ["layerfusion"])  # the CLI's arguments are `args`, not pytest's
+        with pytest.raises(SystemExit) as done:
+            cli_main(["fit", "--config", "small.yaml", "--print_config"])
+    assert done.value.code in (0, None)
+    (d / "full.yaml").write_text(full.getvalue())
+    assert yaml.safe_load(full.getvalue())["model"]["head"] == "gated"
+    return d
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """A finished `fit` and `test` of the real CLI: the directory they ran in and what each printed."""
+
+    dir: Path
+    fit: subprocess.CompletedProcess
+    test: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def minilm_run(minilm_config) -> CliRun:
+    """`make fit` in small, once for the session (test_cli checks what it wrote, test_console what it
+    printed): `fit --config full.yaml` (see `minilm_config`), then `test` on its best checkpoint, each a
+    `python -m layerfusion` process with W&B offline and `SECRET` as the W&B and hub keys."""
+    d = minilm_config
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET}
+    fit = run_cli("fit", "--config", "full.yaml", cwd=d, env=env)
+    best = d / "run" / "checkpoints" / "best.ckpt"
+    test = run_cli("test", "--config", "full.yaml", "--ckpt_path", str(best), cwd=d, env=env)
+    return CliRun(d, fit, test)

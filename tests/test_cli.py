@@ -1,21 +1,25 @@
-"""End to end: the real CLI in subprocesses, real all-MiniLM-L6-v2, a slice of real SST-2."""
+"""End to end: the real CLI (`python -m layerfusion` processes, and in-process where only files are checked),
+real all-MiniLM-L6-v2, a slice of real SST-2."""
 
 from __future__ import annotations
 
 import csv
 import json
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import conftest
 import pytest
 import torch
-import yaml
-from conftest import MINILM, REPO
+from conftest import SECRET
 from wandb_records import read_run
 
+from layerfusion.__main__ import main
+from layerfusion.cli import cli_main
+
 pytestmark = pytest.mark.slow
-SECRET = "sk-layerfusion-test-secret-0123456789"  # a fake key in the environment: must never be written anywhere
 
 
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -29,42 +33,14 @@ def _metrics(csv_dir: Path) -> dict[str, float]:
     return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, shared_data) -> Path:
-    """A config for MiniLM on SST-2 (600 train / 200 dev / 200 test), turned into a full config by --print_config."""
-    d = tmp_path_factory.mktemp("cli")
-    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
-    cfg["model"]["cache_dir"] = str(d / "cache")
-    cfg["model"]["cache_dtype"] = (
-        "float32"  # predict's features then equal the Classifier's online ones
-    )
-    cfg["data"].update(
-        dataset="sst2", data_dir=str(shared_data), max_train_samples=600, max_eval_samples=200
-    )
-    cfg["trainer"]["max_epochs"] = 6
-    cfg["trainer"]["callbacks"][:0] = [
-        {
-            "class_path": "layerfusion.callbacks.LayerImportance",
-            "init_args": {"attention_samples": 32},
-        },
-        {
-            "class_path": "layerfusion.callbacks.LayerSelection",
-            "init_args": {"strategy": "top_k", "k": 3},
-        },
-    ]
-    text = yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run"))
-    (d / "small.yaml").write_text(text)
-    full = run_cli("fit", "--config", "small.yaml", "--print_config", cwd=d).stdout
-    (d / "full.yaml").write_text(full)
-    assert yaml.safe_load(full)["model"]["head"] == "gated"
-    return d
-
-
-def test_fit_validate_test_predict(run_dir):
-    d = run_dir
-    fit = run_cli("fit", "--config", "full.yaml", cwd=d)
-    assert "extracted all-MiniLM-L6-v2/train: 600 rows" in fit.stderr
+def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
+    """The shared `fit` and `test` runs; `validate` (in this process), `predict`, `classify` on them."""
+    d = minilm_run.dir
+    monkeypatch.chdir(d)
+    monkeypatch.setattr(
+        sys, "argv", ["layerfusion"]
+    )  # the CLI's arguments are `args`, not pytest's
+    assert "extracted all-MiniLM-L6-v2/train: 400 rows" in minilm_run.fit.stderr
     best = d / "run" / "checkpoints" / "best.ckpt"
     assert best.is_file() and best.stat().st_size < 5e6
     ckpt = torch.load(best, weights_only=True)
@@ -75,39 +51,30 @@ def test_fit_validate_test_predict(run_dir):
         for k, v in ckpt["callbacks"].items()
         if k.startswith("ModelCheckpoint") and "'monitor': 'val_acc'" in k
     )
-    assert best_val > 0.7  # MiniLM's layers separate SST-2 well even from 600 examples
+    assert best_val > 0.7  # MiniLM's layers separate SST-2 well even from 400 examples
 
+    # validate in this process, through a CSV logger instead of the config's W&B one
     logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir"]
-    val = run_cli(
-        "validate",
-        "--config",
-        "full.yaml",
-        "--ckpt_path",
-        str(best),
-        *logger,
-        str(d / "val"),
-        cwd=d,
-    )
-    assert "feature cache hit" in val.stderr  # the dev features were extracted once, by fit
+    with caplog.at_level("INFO", logger="layerfusion"):
+        cli_main(["validate", "--config", "full.yaml", "--ckpt_path", str(best), *logger, "val"])
+    assert "feature cache hit" in caplog.text  # the dev features were extracted once, by fit
     assert _metrics(d / "val")["val_acc"] == pytest.approx(best_val, abs=0)
 
-    run_cli(
-        "test", "--config", "full.yaml", "--ckpt_path", str(best), *logger, str(d / "test"), cwd=d
-    )
-    test_acc = _metrics(d / "test")["test_acc"]
+    # the fit and test runs' own W&B logger (offline, from the quickstart config) recorded each run
+    records = {}
+    for path in sorted((d / "run" / "wandb").glob("offline-run-*")):
+        record = read_run(path)
+        records["test" if "test_acc" in record["history"] else "fit"] = (path, record)
+    assert sorted(records) == ["fit", "test"], records
+    test_acc = json.loads((d / "run" / "metrics_test.json").read_text())["test_acc"]
     assert 0.6 < test_acc <= 1.0
-
-    # the fit run's own W&B logger (offline, from the quickstart config) recorded the run
-    wandb_runs = sorted((d / "run" / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 1
-    record = read_run(wandb_runs[0])
+    assert records["test"][1]["history"]["test_acc"] == [pytest.approx(test_acc, abs=1e-6)]
+    fit_dir, record = records["fit"]
     assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_0" in record["history"]
     assert record["config"]["config"]["model"]["head"] == "gated"  # the full resolved config
     assert "resources/train_s" in record["history"] and "resources/extract_s" in record["history"]
-    assert list(
-        (wandb_runs[0] / "files" / "media" / "images" / "val").glob("confusion_matrix*.png")
-    )
-    media = wandb_runs[0] / "files" / "media"
+    assert list((fit_dir / "files" / "media" / "images" / "val").glob("confusion_matrix*.png"))
+    media = fit_dir / "files" / "media"
     assert list((media / "table").glob("layer_importance*.table.json")), (
         "importance table logged as a W&B Table"
     )
@@ -129,7 +96,7 @@ def test_fit_validate_test_predict(run_dir):
     ]
     assert not leaked, f"API key written to {leaked}"
     rows = [json.loads(line) for line in (d / "run" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 200
+    assert len(rows) == 120
     assert set(rows[0]) == {"text", "label", "probs", "gold"}
     assert all(
         abs(sum(r["probs"].values()) - 1) < 1e-4
@@ -156,21 +123,20 @@ def test_fit_validate_test_predict(run_dir):
     assert classify.stderr == "", classify.stderr  # no loading bars, no warnings
 
 
-def test_without_a_logger_the_run_files_are_still_written_and_reported(run_dir):
-    d = run_dir
+def test_without_a_logger_the_run_files_are_still_written_and_reported(
+    minilm_config, monkeypatch, capsys
+):
+    """`fit` (one epoch), `test` (in this process) and `report` with `--trainer.logger false`; the run
+    directory (run files, checkpoints) is its own, the feature cache the shared one."""
+    d = minilm_config
+    monkeypatch.chdir(d)
+    monkeypatch.setattr(
+        sys, "argv", ["layerfusion"]
+    )  # the CLI's arguments are `args`, not pytest's
     out = d / "nolog"
-    run_cli(
-        "fit",
-        "--config",
-        "full.yaml",
-        "--trainer.logger",
-        "false",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.default_root_dir",
-        str(out),
-        cwd=d,
-    )
+    (d / "nolog.yaml").write_text((d / "full.yaml").read_text().replace(str(d / "run"), str(out)))
+    no_logger = ["--config", "nolog.yaml", "--trainer.logger", "false"]
+    cli_main(["fit", *no_logger, "--trainer.max_epochs", "1"])
     assert not (out / "wandb").exists()
     for name in (
         "run.json",
@@ -181,50 +147,42 @@ def test_without_a_logger_the_run_files_are_still_written_and_reported(run_dir):
     ):
         assert (out / name).is_file(), name
     assert "val_f1_1" in (out / "metrics_val.csv").read_text()
-    best = d / "run" / "checkpoints" / "best.ckpt"  # ModelCheckpoint's dirpath is set in the config
-    run_cli(
-        "test",
-        "--config",
-        "full.yaml",
-        "--trainer.logger",
-        "false",
-        "--trainer.default_root_dir",
-        str(out),
-        "--ckpt_path",
-        str(best),
-        cwd=d,
-    )
+    best = out / "checkpoints" / "best.ckpt"  # ModelCheckpoint's dirpath is set in the config
+    cli_main(["test", *no_logger, "--ckpt_path", str(best)])
     assert not (out / "wandb").exists()
     metrics = json.loads((out / "metrics_test.json").read_text())
     assert 0.5 < metrics["test_acc"] <= 1 and 0 < metrics["test_f1"] <= 1
-    report = run_cli("report", str(out), "--out", str(d / "report"), cwd=d)
-    assert "results.md" in report.stdout
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(out), "--out", str(d / "report")])
+    assert done.value.code == 0
+    assert "results.md" in capsys.readouterr().out
     table = (d / "report" / "results.md").read_text()
     assert "| nolog | sst2 | gated | all-MiniLM-L6-v2 |" in table
     assert f"| {metrics['test_acc']:.4f} | {metrics['test_f1']:.4f} |" in table
     assert (d / "report" / "accuracy.png").stat().st_size > 1000
 
 
-def test_user_errors_are_one_clear_line(run_dir):
-    bad = run_cli(
-        "fit", "--config", "full.yaml", "--data.dataset", "sst3", cwd=run_dir, check=False
-    )
+def test_user_errors_are_one_clear_line(minilm_config):
+    """Three `python -m layerfusion fit` processes at once (each is mostly the single-threaded import)."""
+    bad_args = [
+        ["--data.dataset", "sst3"],
+        ["--model.encoders", '[{"name": "nobody/nothing"}]'],
+        ["--model.hiden", "3"],
+    ]
+    with ThreadPoolExecutor(len(bad_args)) as pool:
+        bad, missing, typo = pool.map(
+            lambda args: run_cli(
+                "fit", "--config", "full.yaml", *args, cwd=minilm_config, check=False
+            ),
+            bad_args,
+        )
     assert bad.returncode == 2
     assert _one_error_line(bad.stderr).startswith("layerfusion: error: unknown dataset 'sst3'")
-    missing = run_cli(
-        "fit",
-        "--config",
-        "full.yaml",
-        "--model.encoders",
-        '[{"name": "nobody/nothing"}]',
-        cwd=run_dir,
-        check=False,
-    )
     assert missing.returncode == 2
     line = _one_error_line(missing.stderr)
     assert line.startswith("layerfusion: error: model 'nobody/nothing' not found")
     assert "make models" in line and "HF_HUB_OFFLINE" in line
-    typo = run_cli("fit", "--config", "full.yaml", "--model.hiden", "3", cwd=run_dir, check=False)
     assert typo.returncode != 0 and "hiden" in typo.stderr
 
 

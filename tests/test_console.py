@@ -10,10 +10,8 @@ import subprocess
 import sys
 import zipfile
 
-import conftest
 import pytest
-import yaml
-from conftest import MINILM, REPO
+from conftest import REPO
 
 # What a warning looks like on stderr: Python's warning format (Lightning drops the category), W&B's
 # and setuptools' prefixes, progress bars of model loading, advertisements, tracebacks.
@@ -38,28 +36,14 @@ def noise(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_fit_and_test_print_no_noise(tmp_path, shared_data):
-    """`make fit` in small: the quickstart config (W&B offline logger, checkpoints, reports) on a slice."""
-    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 32}]
-    cfg["model"]["cache_dir"] = str(tmp_path / "cache")
-    cfg["data"].update(
-        dataset="sst2", data_dir=str(shared_data), max_train_samples=120, max_eval_samples=40
-    )
-    cfg["trainer"]["max_epochs"] = 1
-    (tmp_path / "small.yaml").write_text(
-        yaml.safe_dump(cfg).replace("runs/quickstart", str(tmp_path / "run"))
-    )
-    env = {"WANDB_MODE": "offline"}
-    fit = conftest.run_cli("fit", "--config", "small.yaml", cwd=tmp_path, env=env)
-    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    test = conftest.run_cli(
-        "test", "--config", "small.yaml", "--ckpt_path", str(best), cwd=tmp_path, env=env
-    )
+def test_fit_and_test_print_no_noise(minilm_run):
+    """`make fit` in small: the quickstart config (W&B offline logger, checkpoints, reports, plus layer
+    importance and selection) on a slice, `fit` then `test` (the session's shared runs, see conftest)."""
+    fit, test = minilm_run.fit, minilm_run.test
     assert noise(fit.stderr) == [], fit.stderr
     assert noise(test.stderr) == [], test.stderr
     # what matters stays: extraction log lines, the W&B run, Lightning's real warning on this slice
-    assert "[layerfusion] extracted all-MiniLM-L6-v2/train: 120 rows" in fit.stderr
+    assert "[layerfusion] extracted all-MiniLM-L6-v2/train: 400 rows" in fit.stderr
     assert "wandb: Run data is saved locally" in fit.stderr
     assert ALLOWED[0].search(fit.stderr)
     assert "test_acc" in test.stdout
