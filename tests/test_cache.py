@@ -323,6 +323,42 @@ def test_ranks_take_whole_chunks_and_equal_a_single_process_build(tmp_path, enco
     assert not list((tmp_path / "two").rglob(".*.build-*"))
 
 
+def test_ranks_share_out_the_chunks_a_killed_build_left_missing(
+    tmp_path, encoder, tiny_models, monkeypatch, caplog
+):
+    """Chunks 0 and 1 of 5 were written before a failure; two ranks resume: rank 0 extracts the missing
+    chunks 2 and 4, rank 1 chunk 3 (not chunk i on rank i % 2, which would leave rank 1 idle)."""
+    single = FeatureCache(tmp_path / "one", "float32", chunk_rows=5).load_or_build(
+        encoder, TEXTS, "train"
+    )
+    real, calls = cache_mod.extract_chunk, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "extract_chunk", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(tmp_path / "two", "float32", chunk_rows=5).load_or_build(
+            encoder, TEXTS, "train"
+        )
+    monkeypatch.undo()
+    encoders = [encoder, FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16))]
+
+    def run(r, dist):
+        cache = FeatureCache(tmp_path / "two", "float32", chunk_rows=5)
+        return cache.load_or_build(encoders[r], TEXTS, "train", dist=dist)
+
+    with caplog.at_level("INFO"):
+        out = _ranks(2, run)
+    assert not out["errors"]
+    assert "extracted bert/train rank 0/2: 8 rows" in caplog.text  # chunks 2 (5 rows) and 4 (3)
+    assert "extracted bert/train rank 1/2: 5 rows" in caplog.text  # chunk 3
+    assert torch.equal(out["results"][1][:], single[:])
+
+
 def test_fewer_rows_than_ranks_and_failures_do_not_hang(tmp_path, encoder, tiny_models):
     encoders = [encoder, FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16))]
     one = _ranks(
@@ -340,6 +376,19 @@ def test_fewer_rows_than_ranks_and_failures_do_not_hang(tmp_path, encoder, tiny_
     )
     assert all("has no texts" in str(e) for e in empty["errors"].values())
     assert len(empty["errors"]) == 2
+    # an error on one rank (NaN from rank 1's encoder, in its chunk) is raised on both
+    token = encoder.tokenizer.convert_tokens_to_ids("banana")
+    with torch.no_grad():
+        encoders[1].model.embeddings.word_embeddings.weight[token] = float("nan")
+    texts = [*TEXTS[:6], "a banana here", *TEXTS[6:]]
+    failed = _ranks(
+        2,
+        lambda r, dist: FeatureCache(tmp_path / "c", chunk_rows=5).load_or_build(
+            encoders[r], texts, "train", dist=dist
+        ),
+    )
+    assert "gave NaN at layer 0 for split 'train', row 6" in str(failed["errors"][1])
+    assert str(failed["errors"][0]).startswith("feature extraction failed on rank 1: encoder bert")
 
 
 def test_nan_from_the_encoder_names_encoder_split_and_row(tmp_path, tiny_models):

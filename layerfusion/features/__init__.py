@@ -1,5 +1,5 @@
 """The on-disk cache of pooled per-layer features."""
 
-from layerfusion.features.cache import FeatureCache
+from layerfusion.features.cache import CachedFeatures, FeatureCache, FeatureCacheError
 
-__all__ = ["FeatureCache"]
+__all__ = ["CachedFeatures", "FeatureCache", "FeatureCacheError"]

@@ -32,10 +32,12 @@ CHUNK_ROWS = 4096
 two CPU cores, seconds on a GPU); the chunk is held in fp32 until written (4096 x 13 x 768 x 4 B = 164 MB
 for MPNet's every layer); a million rows make ~250 files; length sorting within a chunk packs batches as
 tightly as sorting the whole split."""
-TOKEN_BUDGET = 16384
-"""Padded tokens per extraction batch (rows x longest row), chosen in benchmarks/scale.py: the peak
-memory of MPNet on R8 at 512 tokens is bounded by it (64 fixed rows are 32,768 tokens there), and on
-SST-2 (short sentences) it packs more rows per batch than 64 at no loss of throughput."""
+TOKEN_BUDGET = 4096
+"""Padded tokens per extraction batch (rows x longest row). Measured in benchmarks/scale.py (MPNet, every
+layer, 2-core CPU): on R8 documents of 512 tokens the peak RSS growth was 460 MiB at 4096 tokens, 901 at
+8192, 1017 at 16384 and 1910 with the former fixed 64 rows (32,768 tokens); on SST-2 sentences 4096
+tokens (~130 rows a batch) ran as fast as 64 rows, 8192 and 16384 were 8% and 70% slower. On a GPU a
+larger budget may be faster (not measured here): `model.extract_token_budget`."""
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -87,8 +89,9 @@ class FeatureCache:
     written (fsynced) and the build directory renamed into place. Free disk space is checked first.
 
     DDP (`dist`: a Lightning strategy or anything with `global_rank`, `world_size`, `broadcast`): rank 0
-    decides hit or build and broadcasts it; chunk i is extracted by rank i % world; rank 0 writes the
-    manifest; a failure on any rank is raised on every rank. `root` must be a filesystem all ranks see.
+    decides hit or build and broadcasts it; the ranks share out the missing chunks (a fresh build: chunk i
+    on rank i % world) and verify the others; rank 0 writes the manifest; a failure on any rank is raised
+    on every rank. `root` must be a filesystem all ranks see.
 
     Checks: at open, the manifest matches the key and every chunk file has its recorded size (cheap); each
     chunk's SHA-256 is verified the first time a process reads it. A damaged entry is turned back into a
@@ -214,13 +217,16 @@ class FeatureCache:
         plan = _on_rank_zero(dist, lambda: self._plan(key, path, encoder.hidden_size))
         if plan[0] == "hit":
             hit = Path(plan[1])
-            log.info("feature cache hit: %s", hit if hit == path else f"{hit} (layers {layers})")
+            served = "" if hit == path else f" (layers {key['layers']} of it)"
+            log.info("feature cache hit: %s%s", hit, served)
             return open_entry(hit).select(key["layers"])
-        chunk_rows = plan[1]
+        _, chunk_rows, present = plan
         build = _build_dir(path, chunk_rows)
         start, failure = time.perf_counter(), None
         try:
-            self._extract_chunks(encoder, texts, key, path, build, chunk_rows, device, rank, world)
+            self._extract_chunks(
+                encoder, texts, key, path, build, chunk_rows, present, device, rank, world
+            )
         except Exception as err:  # every rank must learn of it, or the others wait forever
             failure = err
         seconds = time.perf_counter() - start
@@ -242,7 +248,8 @@ class FeatureCache:
         return open_entry(Path(done[1])).select(key["layers"])
 
     def _plan(self, key: dict, path: Path, dim: int) -> tuple:
-        """Rank 0's decision: `("hit", entry)` or `("build", chunk_rows)` (after checking free disk space)."""
+        """Rank 0's decision: `("hit", entry)`, or `("build", chunk_rows, chunks on disk)` after checking
+        free disk space for the others."""
         found = self.find(key)
         if found is not None:
             return ("hit", str(found))
@@ -268,7 +275,7 @@ class FeatureCache:
                 f"not enough disk space for feature cache entry {path}: it needs {needed / 2**20:,.0f} MiB, "
                 f"{free / 2**20:,.0f} MiB are free there; free space or set model.cache_dir elsewhere"
             )
-        return ("build", chunk_rows)
+        return ("build", chunk_rows, sorted(present))
 
     def _extract_chunks(
         self,
@@ -278,23 +285,27 @@ class FeatureCache:
         path: Path,
         build: Path,
         chunk_rows: int,
+        present: list[int],
         device,
         rank: int,
         world: int,
     ) -> None:
-        """Extract this rank's missing chunks (chunk i belongs to rank i % world) into `build`."""
+        """This rank's share of the build: verify every world-th chunk on disk, extract every world-th
+        missing chunk (and those that failed verification) into `build`. A fresh build gives chunk i to
+        rank i % world; a resumed one shares out the chunks still missing, so no rank idles long."""
         build.mkdir(parents=True, exist_ok=True)
         remove_dead_leftovers(build, _tmp_prefix())
         count = math.ceil(len(texts) / chunk_rows)
-        mine = range(rank, count, world)
-        todo = [i for i in mine if not _chunk_verified(build, i)]
+        missing = sorted(set(range(count)) - set(present))
+        checked = present[rank::world]
+        todo = sorted(missing[rank::world] + [i for i in checked if not _chunk_verified(build, i)])
         desc = f"{encoder.spec.key}/{key['split']}" + (f" rank {rank}/{world}" if world > 1 else "")
-        if len(todo) < len(mine):
+        if present:
             log.info(
                 "resuming %s: %d of %d chunks already built in %s",
                 desc,
-                len(mine) - len(todo),
-                len(mine),
+                len(present),
+                count,
                 build,
             )
         rows = sum(min(chunk_rows, len(texts) - i * chunk_rows) for i in todo)
