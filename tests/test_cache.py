@@ -171,7 +171,10 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, encoder, caplog, damage
     assert cache.last_build_seconds > 0
     assert torch.equal(rebuilt[:], good)
     if damage in ("truncate", "delete"):
-        assert "resuming bert/train: 3 of 4 chunks already built" in caplog.text
+        assert (
+            "resuming bert/train: 3 chunks already built (verified), 1 of 4 to extract"
+            in caplog.text
+        )
         assert "extracted bert/train: 6 rows" in caplog.text
     else:
         assert "extracted bert/train: 23 rows" in caplog.text
@@ -195,7 +198,9 @@ def test_a_chunk_changed_on_disk_fails_its_read_then_only_it_is_rebuilt(tmp_path
     assert not chunk.exists()
     with caplog.at_level("INFO"):
         again = cache.load_or_build(encoder, TEXTS, "train")
-    assert "resuming bert/train: 3 of 4 chunks already built" in caplog.text
+    assert (
+        "resuming bert/train: 3 chunks already built (verified), 1 of 4 to extract" in caplog.text
+    )
     assert torch.equal(again[:], good)
 
 
@@ -235,7 +240,9 @@ def test_interrupted_build_resumes_at_the_first_missing_chunk(
     monkeypatch.undo()
     with caplog.at_level("INFO"):
         resumed = cache.load_or_build(encoder, TEXTS, "train")
-    assert "resuming bert/train: 2 of 5 chunks already built" in caplog.text
+    assert (
+        "resuming bert/train: 2 chunks already built (verified), 3 of 5 to extract" in caplog.text
+    )
     assert "extracted bert/train: 13 rows" in caplog.text
     assert torch.equal(resumed[:], fresh[:])
     assert not build.exists()

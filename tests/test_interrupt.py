@@ -93,7 +93,7 @@ def test_killed_during_extraction_resumes_at_the_first_missing_chunk(tmp_path, s
 
     err = _finish(_start("fit", "--config", str(cfg), "--trainer.max_epochs", "1", cwd=tmp_path))
     done = len(before)
-    assert f"resuming all-MiniLM-L6-v2/train: {done} of 15 chunks already built" in err
+    assert f"resuming all-MiniLM-L6-v2/train: {done} chunks already built (verified)" in err
     assert f"extracted all-MiniLM-L6-v2/train: {1500 - 100 * done} rows" in err
     assert f"{15 - done} chunks -> " in err
     (entry,) = [p.parent for p in cache.rglob("manifest.json") if "train-" in p.parent.name]

@@ -298,13 +298,15 @@ class FeatureCache:
         count = math.ceil(len(texts) / chunk_rows)
         missing = sorted(set(range(count)) - set(present))
         checked = present[rank::world]
-        todo = sorted(missing[rank::world] + [i for i in checked if not _chunk_verified(build, i)])
+        failed = [i for i in checked if not _chunk_verified(build, i)]
+        todo = sorted(missing[rank::world] + failed)
         desc = f"{encoder.spec.key}/{key['split']}" + (f" rank {rank}/{world}" if world > 1 else "")
-        if present:
+        if checked:
             log.info(
-                "resuming %s: %d of %d chunks already built in %s",
+                "resuming %s: %d chunks already built (verified), %d of %d to extract in %s",
                 desc,
-                len(present),
+                len(checked) - len(failed),
+                len(todo),
                 count,
                 build,
             )
