@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 
@@ -27,23 +28,37 @@ from layerfusion.reproduce import (
     table_from_runs,
 )
 
+EVAL_ROWS = 48
+"""Dev and test rows of the SST-2 slice (train: 128, two batches of the config's 64)."""
+
 
 def _config(tmp: Path, shared_data: Path) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "experiments" / "sst2.yaml").read_text())
-    cfg["trainer"]["max_epochs"] = 2
+    cfg["trainer"]["max_epochs"] = 1  # the best checkpoint is still restored for validate and test
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("LayerImportance"):
             cb["init_args"].update(attention_samples=16, max_iter=30)
     minilm = "sentence-transformers/all-MiniLM-L6-v2"
     cfg["model"]["encoders"] = [
-        {"name": minilm, "pooling": "mean", "max_length": 48, "alias": "mean"},
-        {"name": minilm, "pooling": "cls", "max_length": 48, "alias": "cls"},
+        {"name": minilm, "pooling": "mean", "max_length": 32, "alias": "mean"},
+        {"name": minilm, "pooling": "cls", "max_length": 32, "alias": "cls"},
     ]
     cfg["model"]["cache_dir"] = str(tmp / "cache")
-    cfg["data"].update(data_dir=str(shared_data), max_train_samples=160, max_eval_samples=64)
+    cfg["data"].update(data_dir=str(shared_data), max_train_samples=128, max_eval_samples=EVAL_ROWS)
     path = tmp / "sst2.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The runs here are small ops (heads on 128 rows, full-batch L-BFGS probes): one intra-op thread.
+    On a busy 2-core machine a second thread makes every small op wait for the scheduler (the two
+    linear_probe rows: 101 s with two threads, 7.5 s with one, side by side at load ~8)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _csv(path: Path) -> list[dict]:
@@ -124,7 +139,7 @@ def test_figures_come_from_the_runs(reproduced):
         for split, col in (("test", "test_acc"), ("val", "val_acc")):
             p = analysis.read_predictions(Path(r["run_dir"]) / f"predictions_{split}.csv")
             assert (p["pred"] == p["gold"]).mean() == pytest.approx(float(r[col]), abs=1e-6)
-            assert list(p["index"]) == list(range(64))
+            assert list(p["index"]) == list(range(EVAL_ROWS))
 
 
 def test_gains_verdicts_and_significance_recomputed_from_the_runs(reproduced):
