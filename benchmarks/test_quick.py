@@ -1,6 +1,7 @@
 """`benchmarks/run.py --quick` runs end to end, writes every figure, and what it computes holds: both
 pipelines' features and probes agree, early exit keeps the kept layers exact, bf16 features stay within
-cosine 0.999 of fp32, SDPA matches eager MPNet attention."""
+cosine 0.999 of fp32, SDPA matches eager MPNet attention, selected-layer cache entries hold exactly the
+all-layer entry's layers and token-budget batches stay within their budget."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ FIGURES = [
     "reference_pipeline_speedup",
     "bucketing_speedup",
     "threads",
+    "selected_layers_disk_ratio",
+    "selected_layers_time_ratio",
+    "token_budget_rss_ratio",
+    "token_budget_sst2_time_ratio",
 ]
 BENCHMARKS = {
     "hidden_states_memory",
@@ -39,6 +44,7 @@ BENCHMARKS = {
     "cached_epoch",
     "reference_pipeline",
     "bf16_probe_parity",
+    "scale",
 }
 
 
@@ -111,6 +117,16 @@ def test_quick_benchmarks_compute_what_they_claim(results: dict) -> None:
     assert results["mpnet_sdpa_max_abs_diff"] < 1e-4
     # cached features beat running the encoders every step, for the epoch and for the whole fit
     assert results["cached_epoch_speedup"] > 1 and results["cached_fit_speedup"] > 1
+    # a selected-layer entry (extracted with early exit) holds the all-layer entry's slice exactly,
+    # in less space; every token-budget batch of the RSS runs fits its budget
+    scale = raw["scale"]
+    assert scale["selected_layers"]["max_abs_diff_vs_all_layer_slice"] == 0.0
+    assert results["selected_layers_disk_ratio"] > 1
+    runs = scale["peak_rss"]["runs"]
+    assert f"budget_{scale['default_token_budget']}" in runs
+    for name, run in runs.items():
+        if name.startswith("budget_"):
+            assert run["largest_batch"] <= int(name.removeprefix("budget_")), (name, run)
 
 
 def _positive_finite(value: object) -> bool:
