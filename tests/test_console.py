@@ -20,7 +20,7 @@ WARNING_LIKE = re.compile(
 )
 # The warning lines that may appear, each with the reason it is a real one.
 ALLOWED = [
-    # Lightning's advice on this test's tiny slice (2 training batches < log_every_n_steps=50): a
+    # Lightning's advice on this test's small slice (7 training batches < log_every_n_steps=50): a
     # real, actionable warning, kept on purpose (and checked to be there: nothing is blanket-filtered).
     re.compile(r"The number of training batches \(\d+\) is smaller than the logging interval"),
 ]
