@@ -18,11 +18,11 @@ from conftest import MINILM, REPO
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent
-CHUNK_ROWS = 100
+CHUNK_ROWS = 50
 
 
 def _config(d: Path, shared_data: Path, train: int, record: Path | None = None) -> Path:
-    """The quickstart on SST-2 rows with MiniLM, cache chunks of 100 rows; with `record`, the test-only
+    """The quickstart on SST-2 rows with MiniLM, cache chunks of 50 rows; with `record`, the test-only
     `ddp_probe.RecordRanks` callback writes the rows each epoch of this process trained on (see `_start`:
     tests/ on the path)."""
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
@@ -77,16 +77,16 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 def test_killed_during_extraction_resumes_at_the_first_missing_chunk(tmp_path, shared_data):
-    """SIGKILL of the real CLI while it extracts the train split (15 chunks of 100 rows): the rerun keeps
+    """SIGKILL of the real CLI while it extracts the train split (16 chunks of 50 rows): the rerun keeps
     every chunk written before the kill (same files, untouched), extracts only the others, and the
     entry is bit-identical to an uninterrupted build. The work lost is at most the chunk in progress."""
-    cfg = _config(tmp_path, shared_data, train=1500)
+    cfg = _config(tmp_path, shared_data, train=800)
     cache = tmp_path / "cache"
     proc = _start("fit", "--config", str(cfg), "--trainer.max_epochs", "1", cwd=tmp_path)
     _kill_when(proc, lambda: any(cache.rglob(".train-*.build-*/*.npy")))
     (build,) = cache.rglob(".train-*.build-*")
     before = {p.name: p.stat().st_mtime_ns for p in build.glob("*.npy")}
-    assert 1 <= len(before) < 15, "killed after a chunk was written, before the last"
+    assert 1 <= len(before) < 16, "killed after a chunk was written, before the last"
     assert not [p for p in cache.rglob("manifest.json") if "train-" in p.parent.name], (
         "no complete-looking train entry"
     )
@@ -94,11 +94,11 @@ def test_killed_during_extraction_resumes_at_the_first_missing_chunk(tmp_path, s
     err = _finish(_start("fit", "--config", str(cfg), "--trainer.max_epochs", "1", cwd=tmp_path))
     done = len(before)
     assert f"resuming all-MiniLM-L6-v2/train: {done} chunks already built (verified)" in err
-    assert f"extracted all-MiniLM-L6-v2/train: {1500 - 100 * done} rows" in err
-    assert f"{15 - done} chunks -> " in err
+    assert f"extracted all-MiniLM-L6-v2/train: {800 - 50 * done} rows" in err
+    assert f"{16 - done} chunks -> " in err
     (entry,) = [p.parent for p in cache.rglob("manifest.json") if "train-" in p.parent.name]
     after = {p.name: p.stat().st_mtime_ns for p in entry.glob("*.npy")}
-    assert len(after) == 15 and {k: after[k] for k in before} == before  # kept, not rewritten
+    assert len(after) == 16 and {k: after[k] for k in before} == before  # kept, not rewritten
     assert not build.exists() and not list(cache.rglob(".tmp-*"))
 
     # bit-identical to an uninterrupted extraction of the same rows
@@ -107,7 +107,7 @@ def test_killed_during_extraction_resumes_at_the_first_missing_chunk(tmp_path, s
     from layerfusion.features.cache import FeatureCache
 
     dm = TextClassificationDataModule(
-        "sst2", data_dir=str(shared_data), max_train_samples=1500, max_eval_samples=100
+        "sst2", data_dir=str(shared_data), max_train_samples=800, max_eval_samples=100
     )
     dm.setup("fit")
     encoder = FrozenEncoder(EncoderSpec(MINILM, max_length=64))
