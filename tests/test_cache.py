@@ -4,6 +4,7 @@ float16 overflow, key gaps, disk check, ranks, online == cached."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -549,3 +550,24 @@ def test_module_extracts_only_the_selected_layers(tmp_path, tiny_models, sst2_sl
     assert shallow.selection == {"bert": [0, 2]}
     assert _cached_layers(tmp_path / "d") == {"train": [[1]], "val": [[0, 2], [1]]}
     assert metrics["val_acc"] == pytest.approx(ckpt.best_model_score.item())
+
+
+def test_leftovers_of_a_host_whose_name_extends_ours_are_not_ours(tmp_path):
+    """`node`'s cleanup must not take the temporary files of host `node-<n>` for its own, even when n is
+    a dead pid here."""
+    import subprocess
+
+    from layerfusion.leftovers import owner_tag, remove_dead_leftovers
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = proc.pid
+    mine_dead = tmp_path / f".tmp-node-{dead}-a1b2c3d4"
+    mine_live = tmp_path / f".tmp-node-{os.getpid()}-a1b2c3d4"
+    other_host = tmp_path / f".tmp-node-{dead}-{dead}-a1b2c3d4"  # host node-<dead>, its pid <dead>
+    mine_dead.mkdir()
+    for f in (mine_live, other_host):
+        f.write_text("x")
+    assert remove_dead_leftovers(tmp_path, ".tmp-node-") == [mine_dead]
+    assert not mine_dead.exists() and mine_live.exists() and other_host.exists()
+    assert "@ns" in owner_tag()  # the PID namespace is part of the owner (Linux)
