@@ -55,6 +55,19 @@ def _restore_global_state():
     torch.set_grad_enabled(grad)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module's in-process work (opt in with `pytestmark =
+    pytest.mark.usefixtures("one_thread")`; subprocesses keep their default). What runs there is small
+    ops (tiny models, heads, L-BFGS probes) and small extractions: on a busy 2-core machine a second
+    thread makes every small op wait for the scheduler. Side by side at load 8-11, the in-process test
+    modules took 254 s with one thread and 399 s with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data(tmp_path_factory) -> Path:
     """The real datasets as `{name}/{split}.jsonl`: ../shared/data, else the byte-identical copies bundled in

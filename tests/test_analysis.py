@@ -12,6 +12,8 @@ import torch
 from layerfusion import analysis
 from layerfusion.fusion.heads import build_head
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_mcnemar_exact_is_the_two_sided_binomial_tail():
     a = np.array([1] * 50 + [1] * 1 + [0] * 9 + [0] * 5, bool)  # 1 row only A right, 9 only B right

@@ -20,6 +20,8 @@ from layerfusion.encoders.frozen import EncoderSpec
 from layerfusion.errors import CheckpointError, ConfigError
 from layerfusion.module import LayerFusionModule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = ["a gripping, beautifully acted film", "dull", "", "it is what it is . " * 20]
 LAYERS = {"bert": [0, 2], "gpt2": [1]}  # gpt2 has hidden states 0..2: layer 1 is an early exit
 

@@ -19,6 +19,8 @@ from layerfusion.encoders.frozen import (
 from layerfusion.encoders.taps import pool
 from layerfusion.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = [
     "a short one .",
     "a rather longer sentence that needs more tokens than the first one does",

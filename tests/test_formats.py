@@ -16,6 +16,8 @@ from layerfusion.cli import cli_main
 from layerfusion.data.datamodule import TextClassificationDataModule
 from layerfusion.data.readers import DataError, read_file, read_jsonl
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZES = {"train": 48, "dev": 16, "test": 16}
 FORMATS = ["jsonl", "jsonl.gz", "json", "csv", "tsv", "csv.gz", "parquet", "disk", "disk_dict"]
 

@@ -12,6 +12,8 @@ from conftest import MINILM, REPO
 
 from layerfusion.encoders.frozen import cpu_bf16_units
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")

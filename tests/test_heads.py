@@ -8,6 +8,8 @@ import torch
 from layerfusion.errors import ConfigError
 from layerfusion.fusion.heads import HEADS, GatedFusionHead, build_head, resolve_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DIMS = {"small": 8, "big": 16}
 NUM_LAYERS = {"small": 4, "big": 6}
 

@@ -23,6 +23,8 @@ from layerfusion.encoders.offline import (
 )
 from layerfusion.errors import ModelNotFoundError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
 

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import REPO
 
@@ -27,6 +26,10 @@ from layerfusion.reproduce import (
     read_runs,
     table_from_runs,
 )
+
+# the runs here are small ops (heads on 128 rows, full-batch L-BFGS probes): the two linear_probe rows
+# took 101 s with two threads, 7.5 s with one, side by side at load ~8
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EVAL_ROWS = 48
 """Dev and test rows of the SST-2 slice (train: 128, two batches of the config's 64)."""
@@ -48,17 +51,6 @@ def _config(tmp: Path, shared_data: Path) -> Path:
     path = tmp / "sst2.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The runs here are small ops (heads on 128 rows, full-batch L-BFGS probes): one intra-op thread.
-    On a busy 2-core machine a second thread makes every small op wait for the scheduler (the two
-    linear_probe rows: 101 s with two threads, 7.5 s with one, side by side at load ~8)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _csv(path: Path) -> list[dict]:

@@ -13,6 +13,8 @@ from layerfusion.data.datamodule import TextClassificationDataModule
 from layerfusion.data.readers import DataError, read_jsonl
 from layerfusion.data.sources import SplitSource
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _stream_dm(**kw) -> TextClassificationDataModule:
     return TextClassificationDataModule(streaming=True, features="online", batch_size=64, **kw)
