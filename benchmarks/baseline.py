@@ -17,7 +17,10 @@ from layerfusion.features.cache import FeatureCache
 def bench_hidden_states_baseline(sizes: Sizes, device: str, workdir: Path) -> dict:
     """`extraction_speedup` = baseline time / layerfusion time to all-layer features of every model."""
     texts, _ = sst2_slice(sizes.baseline_texts, seed=6)
-    specs = [EncoderSpec(m, max_length=sizes.max_length) for m in sizes.models]
+    # fp32 on both sides (`auto` would pick bf16 on a CPU with bf16 units; the baseline is plain fp32)
+    specs = [
+        EncoderSpec(m, max_length=sizes.max_length, compute_dtype="float32") for m in sizes.models
+    ]
     loaded, encoders, hash_seconds = {}, {}, {}
     for spec in specs:
         model, tokenizer = load_pretrained(spec)
@@ -27,7 +30,7 @@ def bench_hidden_states_baseline(sizes: Sizes, device: str, workdir: Path) -> di
     results: dict[str, dict[str, torch.Tensor]] = {}
 
     def layerfusion(round_dir: Path) -> dict:
-        """Empty cache, default settings: one tapped pass per model, checksummed and written to disk
+        """Empty cache, default settings bar fp32 compute: one tapped pass per model, checksummed and written to disk
         (the weights' SHA-256, paid once per encoder and process, is measured apart)."""
         cache = FeatureCache(round_dir, dtype="float32", batch_size=sizes.batch_size)
         return {key: cache.load_or_build(e, texts, "train", device) for key, e in encoders.items()}

@@ -19,7 +19,14 @@ SEQUENCE = ("layerfusion", "reference", "layerfusion")
 def bench_reference_pipeline(sizes: Sizes, device: str, workdir: Path) -> dict:
     """`reference_pipeline_speedup` = reference time / layerfusion time, features and probes both."""
     texts, labels = sst2_slice(sizes.pipeline_texts, seed=2)
-    specs = {s.key: s for s in (EncoderSpec(m, max_length=sizes.max_length) for m in sizes.models)}
+    # fp32 like the reference (`auto` would pick bf16 on a CPU with bf16 units)
+    specs = {
+        s.key: s
+        for s in (
+            EncoderSpec(m, max_length=sizes.max_length, compute_dtype="float32")
+            for m in sizes.models
+        )
+    }
     loaded = {}
     for key, spec in specs.items():
         model, tokenizer = load_pretrained(spec)

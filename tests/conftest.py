@@ -198,7 +198,7 @@ def run_cli(
 @pytest.fixture(scope="session")
 def minilm_config(tmp_path_factory, shared_data) -> Path:
     """A directory with `full.yaml`: the quickstart config (W&B offline logger, checkpoints, run reports)
-    with MiniLM alone (64 tokens, float32 cache) on SST-2 (400 train / 120 dev / 120 test rows, 4 epochs)
+    with MiniLM alone (64 tokens, float32 compute and cache) on SST-2 (400 train / 120 dev / 120 test rows, 4 epochs)
     plus the LayerImportance and LayerSelection (top 3) callbacks, completed by `fit --print_config`.
     Its runs write to `<dir>/run` and cache features in `<dir>/cache`."""
     import yaml
@@ -207,7 +207,8 @@ def minilm_config(tmp_path_factory, shared_data) -> Path:
 
     d = tmp_path_factory.mktemp("cli")
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64}]
+    # fp32 compute: `auto` is bf16 on CPUs with bf16 units, whose results depend on the batch's padding
+    cfg["model"]["encoders"] = [{"name": MINILM, "max_length": 64, "compute_dtype": "float32"}]
     cfg["model"]["cache_dir"] = str(d / "cache")
     cfg["model"]["cache_dtype"] = (
         "float32"  # predict's features then equal the Classifier's online ones

@@ -36,8 +36,15 @@ def trained(tmp_path_factory, tiny_models, shared_data):
         lines = (shared_data / "sst2" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
         (data / f"{split}.jsonl").write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
     specs = [
-        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert"),
-        EncoderSpec(tiny_models["gpt2"], pooling="last", max_length=32, alias="gpt2"),
+        # fp32: predictions are compared across batch sizes (bf16 results depend on the padding)
+        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert", compute_dtype="float32"),
+        EncoderSpec(
+            tiny_models["gpt2"],
+            pooling="last",
+            max_length=32,
+            alias="gpt2",
+            compute_dtype="float32",
+        ),
     ]
     L.seed_everything(0)
     dm = TextClassificationDataModule(dataset=str(data), encoders=specs, batch_size=16)

@@ -29,7 +29,10 @@ TEXTS = [
 
 
 def _encoder(path: str, pooling: str = "mean", **kw) -> FrozenEncoder:
-    return FrozenEncoder(EncoderSpec(name=path, pooling=pooling, **kw))
+    """fp32 unless asked: the exactness checks below hold for fp32, and `auto` is bf16 on CPUs with bf16 units."""
+    return FrozenEncoder(
+        EncoderSpec(name=path, pooling=pooling, **{"compute_dtype": "float32", **kw})
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -213,6 +216,27 @@ def test_auto_compute_dtype_follows_what_torch_reports(monkeypatch):
     assert resolve_compute_dtype("bfloat16", "cpu")[0] == "bfloat16"
     assert resolve_compute_dtype("tfloat32", "cpu")[0] == "float32"  # TF32 is CUDA-only
     assert resolve_compute_dtype("auto", "cpu", torch.bfloat16)[0] == "bfloat16"  # bf16 weights
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    name, reason = resolve_compute_dtype("auto", "cpu", model_type="deberta")
+    assert name == "float32" and "DeBERTa (v1)" in reason  # autocast would overflow its mask fill
+
+
+def test_deberta_v1_computes_in_half_precision_only_with_half_precision_weights(tiny_models):
+    """transformers' DeBERTa (v1) masks scores with float32's minimum: under a bf16 autocast over fp32
+    weights that raises; `auto` stays fp32 for it, an explicit bf16 says what to set, bf16 weights run."""
+    path = tiny_models["deberta"]
+    fp32 = _encoder(path)
+    batch = fp32.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ref = fp32(ids, mask)
+    with pytest.raises(ConfigError, match="DeBERTa .v1.*set torch_dtype: bfloat16"):
+        _encoder(path, compute_dtype="bfloat16").compute_precision("cpu")
+    half = _encoder(path, compute_dtype="auto", torch_dtype="bfloat16")
+    assert half.compute_precision("cpu") == "bfloat16"
+    out = half(ids, mask)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+    assert cos.min() > 0.99, cos.min()
 
 
 def test_compute_dtype_is_checked():

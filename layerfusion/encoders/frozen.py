@@ -43,6 +43,11 @@ DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ComputeDtype = Literal["auto", "float32", "tfloat32", "bfloat16", "float16"]
 COMPUTE_DTYPES = ("auto", "float32", "tfloat32", "bfloat16", "float16")
+# model_type -> why a bf16/fp16 autocast over its fp32 weights fails (weights loaded in half precision work)
+NO_AUTOCAST = {
+    "deberta": "DeBERTa (v1) fills masked attention scores with float32's minimum, which overflows the "
+    "half-precision scores under autocast (transformers' modeling_deberta)",
+}
 
 
 @dataclass
@@ -147,7 +152,9 @@ class FrozenEncoder(nn.Module):
         kind = torch.device(device).type
         if kind not in self._precision:
             weights = next(self.model.parameters()).dtype
-            self._precision[kind] = resolve_compute_dtype(self.spec.compute_dtype, kind, weights)
+            self._precision[kind] = resolve_compute_dtype(
+                self.spec.compute_dtype, kind, weights, self.model.config.model_type
+            )
             precision, reason = self._precision[kind]
             log.info("encoder %s computes in %s on %s: %s", self.spec.key, precision, kind, reason)
         return self._precision[kind][0]
@@ -362,12 +369,21 @@ def only_blocks(model: nn.Module, depth: int) -> Iterator[None]:
 
 
 def resolve_compute_dtype(
-    requested: str, device_type: str, weights: torch.dtype = torch.float32
+    requested: str,
+    device_type: str,
+    weights: torch.dtype = torch.float32,
+    model_type: str | None = None,
 ) -> tuple[str, str]:
     """The precision an encoder with `compute_dtype=requested` computes in on this device type, and why."""
+    no_autocast = NO_AUTOCAST.get(model_type) if weights == torch.float32 else None
     if requested != "auto":
         if requested in ("float32", "tfloat32") and weights != torch.float32:
             raise ConfigError(f"compute_dtype {requested} needs float32 weights, got {weights}")
+        if requested in ("bfloat16", "float16") and no_autocast:
+            raise ConfigError(
+                f"compute_dtype {requested} with float32 weights: {no_autocast}; set torch_dtype: "
+                f"{requested} to load the weights in it, or compute_dtype: float32"
+            )
         if requested == "tfloat32" and device_type != "cuda":
             return (
                 "float32",
@@ -377,6 +393,8 @@ def resolve_compute_dtype(
     if weights != torch.float32:
         name = str(weights).removeprefix("torch.")
         return name, f"weights loaded in {name} (torch_dtype): computing in it"
+    if no_autocast:
+        return "float32", f"{no_autocast}; set torch_dtype for half precision"
     if device_type == "cuda":
         card = torch.cuda.get_device_name()
         if torch.cuda.is_bf16_supported(including_emulation=False):
