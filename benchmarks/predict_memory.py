@@ -63,7 +63,7 @@ def bench_predict_memory(
     # (LightningCLI applies them over the command line), so the mode is chosen at fit time
     configs, fits = {}, {}
     for features in sorted({m.removesuffix("_warm") for m in modes}):
-        configs[features] = write_config(workdir, features, encoder)
+        configs[features] = write_config(workdir, features, encoder, LAYERS[model])
         fits[features] = run(
             [sys.executable, "-m", "layerfusion", "fit", "--config", str(configs[features])],
             workdir,
@@ -120,14 +120,14 @@ def bench_predict_memory(
     }
 
 
-def write_config(workdir: Path, features: str, encoder: str) -> Path:
+def write_config(workdir: Path, features: str, encoder: str, layers: list[int]) -> Path:
     """The quickstart config reduced to one encoder, fixed layers, 512 train rows, one epoch, no logger;
     its run directory is `workdir/<features>`."""
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     cfg["model"]["encoders"] = [
         {"name": encoder, "pooling": "mean", "max_length": 128, "alias": "encoder"}
     ]
-    cfg["model"]["layers"] = {"encoder": LAYERS["minilm" if encoder == MINILM else "tiny"]}
+    cfg["model"]["layers"] = {"encoder": layers}
     cfg["model"]["cache_dir"] = str(workdir / "cache")
     cfg["model"]["features"] = features
     cfg["data"].update(dataset="sst2", max_train_samples=512, max_eval_samples=256)
