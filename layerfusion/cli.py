@@ -35,8 +35,10 @@ class LayerFusionCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then check `--ckpt_path` before Lightning reads it (for its hyperparameters) and before
-        any encoder loads: a missing, foreign or broken file is one clear error."""
+        """Parse, then check `--ckpt_path` before Lightning merges its hyperparameters over the config and
+        before any encoder loads: a missing, foreign or broken file is one clear error, and so is a
+        checkpoint whose encoders differ from the config's on `name` or `trust_remote_code` (Lightning's
+        merge would otherwise let a checkpoint load other models or turn remote code on)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
@@ -44,7 +46,8 @@ class LayerFusionCLI(LightningCLI):
         if ckpt and ckpt not in SPECIAL_CKPT_PATHS and "://" not in str(ckpt):
             from layerfusion.classifier import read_checkpoint
 
-            read_checkpoint(ckpt)
+            checkpoint = read_checkpoint(ckpt)
+            check_checkpoint_encoders(checkpoint, config.get("model"), ckpt)
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer without transformers' per-encoder "Loading weights" bars."""
@@ -52,6 +55,39 @@ class LayerFusionCLI(LightningCLI):
             super().instantiate_classes()
         for logger in self.trainer.loggers:
             _prepare_wandb(logger)
+
+
+def check_checkpoint_encoders(checkpoint: dict, model_config, path) -> None:
+    """Refuse a checkpoint whose encoders differ from the config's on `name` or `trust_remote_code`."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("encoders")
+    if saved is None or model_config is None:
+        return
+    configured = [_as_dict(e) for e in (model_config.get("encoders") or [])]
+    saved = [_as_dict(e) for e in saved]
+    if len(saved) != len(configured):
+        raise ConfigError(
+            f"checkpoint {path} was trained with {len(saved)} encoder(s) "
+            f"{[e.get('name') for e in saved]}; the config has {len(configured)} "
+            f"{[e.get('name') for e in configured]}"
+        )
+    for i, (theirs, ours) in enumerate(zip(saved, configured)):
+        for field in ("name", "trust_remote_code"):
+            default = False if field == "trust_remote_code" else None
+            if theirs.get(field, default) != ours.get(field, default):
+                raise ConfigError(
+                    f"checkpoint {path} has model.encoders[{i}].{field}={theirs.get(field, default)!r}; "
+                    f"the config has {ours.get(field, default)!r}. Lightning would load the checkpoint's "
+                    f"value over yours: set it in your config if you mean it"
+                )
+
+
+def _as_dict(value) -> dict:
+    """An encoder entry (dict, jsonargparse Namespace or EncoderSpec) as a plain dict."""
+    if isinstance(value, dict):
+        return value
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return dict(vars(value))
 
 
 class LayerFusionArgumentParser(LightningArgumentParser):
