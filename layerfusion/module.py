@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from layerfusion.checkpoint import SECTION, encoder_ids, section
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
 from layerfusion.errors import ConfigError
 from layerfusion.features.cache import (
@@ -148,7 +149,10 @@ class LayerFusionModule(L.LightningModule):
 
         Callbacks' `setup` (`LayerSelection`) runs before this, so the selection is final here. Other
         stages extract in `on_*_start`, after Lightning has restored a `ckpt_path` checkpoint (and with it
-        the head's selection)."""
+        the head's selection). The encoders' weight fingerprints are taken here in every stage: FSDP wraps
+        (and shards) the model after `setup`, and checkpoints are written and checked after that."""
+        for encoder in self.encoders.values():  # before any wrapping: FSDP shards the weights
+            encoder.fingerprint()
         if stage == "fit":
             self.prepare_features("fit")
 
@@ -216,14 +220,16 @@ class LayerFusionModule(L.LightningModule):
             self.prepare_features(self.trainer.state.fn.value)
             held = self.features[split]
         rows = batch["index"].cpu()
+        # FSDP moves the weights itself, not through `self.to`: `self.device` may still say cpu
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         out = {}
         for k, feats in held.items():
             placed = torch.zeros(
                 (len(rows), max(feats.layers) + 1, feats.shape[2]),
                 dtype=torch.float32,
-                device=self.device,
+                device=device,
             )
-            placed[:, feats.layers] = feats[rows].to(self.device, torch.float32)
+            placed[:, feats.layers] = feats[rows].to(device, torch.float32)
             out[k] = placed
         return out
 
@@ -289,7 +295,7 @@ class LayerFusionModule(L.LightningModule):
         """Lightning's `load_from_checkpoint`, except that the checkpoint's own `trust_remote_code`
         never counts: only this argument (or `encoders` passed here) can let a model run its code."""
         if "encoders" not in kwargs:
-            from layerfusion.classifier import read_checkpoint
+            from layerfusion.checkpoint import read_checkpoint
 
             hparams = read_checkpoint(checkpoint_path).get("hyper_parameters") or {}
             kwargs["encoders"] = [
@@ -323,12 +329,9 @@ class LayerFusionModule(L.LightningModule):
         return self.head.load_state_dict(state, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["layerfusion"] = {
-            "encoders": self._encoder_ids(),
-            "label_names": self.label_names,
-            "head": self.hparams.head,
-            "selection": self.selection,
-        }
+        checkpoint[SECTION] = section(
+            self.encoders, self.label_names, self.hparams.head, self.selection
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("layerfusion")
@@ -385,7 +388,4 @@ class LayerFusionModule(L.LightningModule):
 
     def _encoder_ids(self) -> dict[str, dict]:
         """What identifies each encoder in a checkpoint: name, weight hash, depth."""
-        return {
-            k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
-            for k, e in self.encoders.items()
-        }
+        return encoder_ids(self.encoders)
