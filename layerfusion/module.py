@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from layerfusion.checkpoint import SECTION, encoder_ids, section
@@ -116,6 +116,10 @@ class LayerFusionModule(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        # evaluation losses as metrics: the mean over every row of every rank (a logged value with
+        # sync_dist averages the ranks' means, which differs when ranks hold unequal row counts)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.features: dict[str, dict[str, CachedFeatures]] = {}
         self.extract_seconds: dict[str, float] = {}
 
@@ -262,7 +266,9 @@ class LayerFusionModule(L.LightningModule):
     def _eval_step(self, batch: dict, split: str, metrics: MetricCollection) -> dict:
         loss, logits = self.model_step(batch, split)
         metrics.update(logits, batch["labels"])
-        self.log(f"{split}_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        mean = self.val_loss if split == "val" else self.test_loss
+        mean.update(loss.detach(), weight=len(logits))
+        self.log(f"{split}_loss", mean, prog_bar=True, batch_size=len(logits))
         self.log_dict(metrics, prog_bar=True, batch_size=len(logits))
         return {"preds": logits.argmax(-1)}
 
