@@ -64,6 +64,18 @@ class FrozenEncoderFSDPStrategy(FSDPStrategy):
             return None
         return dataclasses.replace(config, reduce_dtype=torch.float32, buffer_dtype=None)
 
+    def setup(self, trainer) -> None:
+        """Lightning's FSDP setup, except that a `*-true` precision casts the head only: the frozen
+        encoders keep the dtype they were loaded in (their features and weight hashes with it)."""
+        plugin = self._precision_plugin
+        if plugin is None:
+            return super().setup(trainer)
+        plugin.convert_module = functools.partial(_convert_all_but_encoders, plugin.convert_module)
+        try:
+            super().setup(trainer)
+        finally:
+            del plugin.convert_module  # back to the class's method
+
     def _setup_model(self, model: nn.Module) -> nn.Module:
         """Wrap `model` with the encoders in their own units (online) or ignored (cached); on the CPU
         with `device_id=cpu`."""
@@ -118,6 +130,15 @@ class FrozenEncoderFSDPStrategy(FSDPStrategy):
             finally:
                 module.strict_loading = strict
         return super().load_checkpoint(checkpoint_path, weights_only)
+
+
+def _convert_all_but_encoders(convert, module: nn.Module) -> nn.Module:
+    """`convert` (a precision plugin's `convert_module`) applied to every child of `module` that holds
+    no `FrozenEncoder`."""
+    for child in module.children():
+        if not any(isinstance(m, FrozenEncoder) for m in child.modules()):
+            convert(child)
+    return module
 
 
 def encoder_wrap_policy(block_types: frozenset[type]):
