@@ -58,6 +58,9 @@ class Classifier:
         token_budget: at most this many padded tokens (rows x longest row) per forward pass, texts
             sorted by token length, as in feature extraction (None: no bound but `batch_size`).
         progress_bar: draw a progress bar on stderr (None: for calls of `PROGRESS_ROWS` texts or more).
+        trust_remote_code: let the encoders' model directories run their own Python code. Only this
+            argument can turn it on: a `trust_remote_code` stored in classifier.json or in a
+            checkpoint's hyperparameters is ignored, so loading an artifact never runs code from it.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class Classifier:
         batch_size: int | None = None,
         token_budget: int | None = TOKEN_BUDGET,
         progress_bar: bool | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         _check_config(config)
         for name, value in (("batch_size", batch_size), ("token_budget", token_budget)):
@@ -81,8 +85,13 @@ class Classifier:
         self.batch_size, self.token_budget, self.progress_bar = batch_size, token_budget, progress_bar
         self.encoders: dict[str, FrozenEncoder] = {}
         for raw in config["encoders"]:
+            # the artifact's own trust_remote_code never counts: only the caller's argument
             spec = EncoderSpec(
-                **{**raw, **({"compute_dtype": compute_dtype} if compute_dtype else {})}
+                **{
+                    **raw,
+                    **({"compute_dtype": compute_dtype} if compute_dtype else {}),
+                    "trust_remote_code": trust_remote_code,
+                }
             )
             with no_loading_bars():
                 encoder = FrozenEncoder(spec)

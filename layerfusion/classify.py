@@ -63,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="at most this many padded tokens per forward pass (default: as feature extraction, 4096)",
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the encoders' model directories run their own Python code (a value stored in the "
+        "model file is never used)",
+    )
     args = parser.parse_args(argv)
     if not args.texts and not args.file:
         parser.error("no texts: give them as arguments or with --file")
@@ -70,8 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next(rows, None)  # read errors (missing file, no such column) before the model loads
     if first is None:
         raise LayerFusionError(f"--file {args.file}: no texts in it")
-    kwargs = {"device": args.device, "compute_dtype": args.compute_dtype}
-    kwargs["batch_size"] = args.batch_size
+    kwargs = {
+        "device": args.device,
+        "compute_dtype": args.compute_dtype,
+        "batch_size": args.batch_size,
+        "trust_remote_code": args.trust_remote_code,
+    }
     if args.token_budget is not None:
         kwargs["token_budget"] = args.token_budget
     model = Path(args.model)
