@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -156,8 +159,13 @@ class Classifier:
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is not a directory written by Classifier.save")
         if not config_path.is_file():
+            hint = (
+                f" (save writes it last: a save into this folder did not finish; save it again)"
+                if (folder / WEIGHTS_FILE).is_file()
+                else ""
+            )
             raise CheckpointError(
-                f"{folder} has no {CONFIG_FILE}: it is not a folder written by Classifier.save"
+                f"{folder} has no {CONFIG_FILE}: it is not a folder written by Classifier.save{hint}"
             )
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -177,22 +185,58 @@ class Classifier:
             raise CheckpointError(
                 f"{folder / WEIGHTS_FILE}: cannot read the head weights ({err})"
             ) from None
+        expected = config.get("head_sha256")  # absent in folders saved before it was recorded
+        if expected is not None and _sha256(folder / WEIGHTS_FILE) != expected:
+            raise CheckpointError(
+                f"{folder / WEIGHTS_FILE} is not the head {CONFIG_FILE} was saved with (SHA-256 "
+                f"{_sha256(folder / WEIGHTS_FILE)[:12]}..., recorded {expected[:12]}...): the file was "
+                "replaced after the save; save the classifier again"
+            )
         return cls(config, state, **kwargs)
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the head (safetensors), its settings (classifier.json) and a model card (README.md) to a folder."""
+    def save(self, directory: str | os.PathLike, overwrite_readme: bool = False) -> Path:
+        """Write the head (safetensors), its settings (classifier.json) and a model card (README.md) to a folder.
+
+        The folder is written as a set: every file is first written under a temporary name, then
+        classifier.json is removed, the others are renamed into place, and classifier.json (which
+        records the head's SHA-256) comes last. `load` requires it, so a save interrupted at any point
+        never leaves a loadable folder that pairs a new head with an old config. An existing
+        README.md is replaced only when a previous `save` wrote it unchanged, or `overwrite_readme`.
+        """
         from safetensors.torch import save_file
 
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
+        card_path, config_path = folder / CARD_FILE, folder / CONFIG_FILE
+        write_card = overwrite_readme or not card_path.exists() or _our_card(folder)
+        if not write_card:
+            warnings.warn(
+                f"{card_path} is kept: it was not written by Classifier.save (or was edited since); "
+                "pass overwrite_readme=True to replace it with the model card",
+                stacklevel=2,
+            )
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        _write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, {"format": "pt"}))
-        text = json.dumps(self.config, indent=2, ensure_ascii=False) + "\n"
-        _write_atomic(
-            folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
-        )
-        card = self.model_card()
-        _write_atomic(folder / CARD_FILE, lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+        tag = f".tmp-{os.getpid()}-{threading.get_ident()}"
+        staged: dict[Path, Path] = {}
+        try:
+            head_tmp = staged[folder / WEIGHTS_FILE] = folder / f".{WEIGHTS_FILE}{tag}"
+            save_file(state, str(head_tmp), {"format": "pt"})
+            config = {k: v for k, v in self.config.items() if k not in ("head_sha256", "card_sha256")}
+            config["head_sha256"] = _sha256(head_tmp)
+            if write_card:
+                card = self.model_card()
+                card_tmp = staged[card_path] = folder / f".{CARD_FILE}{tag}"
+                card_tmp.write_text(card, encoding="utf-8")
+                config["card_sha256"] = _sha256(card_tmp)
+            config_tmp = staged[config_path] = folder / f".{CONFIG_FILE}{tag}"
+            text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+            config_tmp.write_text(text, encoding="utf-8")
+            config_path.unlink(missing_ok=True)  # from here until the last rename: not loadable
+            for final, tmp in staged.items():  # classifier.json last (dicts keep insertion order)
+                os.replace(tmp, final)
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
         return folder
 
     # -- inference -------------------------------------------------------------------------------
@@ -499,14 +543,21 @@ def _training_summary(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling file, then rename: a failed save leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _our_card(folder: Path) -> bool:
+    """Whether the folder's README.md is the model card a previous `save` wrote, unedited."""
     try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        recorded = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("card_sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded is not None and _sha256(folder / CARD_FILE) == recorded
 
 
 __all__ = ["Classifier", "InputError", "read_checkpoint"]
