@@ -50,6 +50,12 @@ class Classifier:
     is cached and no Trainer is involved. Build one with `from_checkpoint` (a `fit` checkpoint) or
     `load` (a folder written by `save`).
 
+    Thread safety: one `Classifier` may be shared by several threads calling `predict` /
+    `predict_proba` at once; each call gives exactly what it gives alone. The encoders' layer taps keep
+    their state per call and early exit stops the forward pass without changing the model (see
+    docs/security.md; tests/test_threads.py). Do not change `layers`, `device` or the encoders while
+    calls are running.
+
     Args:
         config: what `save` writes to classifier.json: encoders, label names, head kind and
             hyperparameters, the layers the head reads, and the hash of each encoder's weights.
