@@ -6,7 +6,6 @@ import hashlib
 import inspect
 import json
 import os
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -21,6 +20,7 @@ from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.errors import CheckpointError, ConfigError, LayerFusionError
 from layerfusion.features.cache import TOKEN_BUDGET, extract_chunk
+from layerfusion.files import fsync_dir, remove_temp_leftovers, temp_path
 from layerfusion.fusion.heads import HEADS, build_head
 
 FORMAT, VERSION = "layerfusion-classifier", 1
@@ -222,24 +222,30 @@ class Classifier:
                 stacklevel=2,
             )
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        tag = f".tmp-{os.getpid()}-{threading.get_ident()}"
+        for name in (WEIGHTS_FILE, CARD_FILE, CONFIG_FILE):  # of saves killed earlier (dead pids)
+            remove_temp_leftovers(folder / name)
         staged: dict[Path, Path] = {}
         try:
-            head_tmp = staged[folder / WEIGHTS_FILE] = folder / f".{WEIGHTS_FILE}{tag}"
+            head_tmp = staged[folder / WEIGHTS_FILE] = temp_path(folder / WEIGHTS_FILE)
             save_file(state, str(head_tmp), {"format": "pt"})
             config = {k: v for k, v in self.config.items() if k not in ("head_sha256", "card_sha256")}
             config["head_sha256"] = _sha256(head_tmp)
             if write_card:
                 card = self.model_card()
-                card_tmp = staged[card_path] = folder / f".{CARD_FILE}{tag}"
+                card_tmp = staged[card_path] = temp_path(card_path)
                 card_tmp.write_text(card, encoding="utf-8")
                 config["card_sha256"] = _sha256(card_tmp)
-            config_tmp = staged[config_path] = folder / f".{CONFIG_FILE}{tag}"
+            config_tmp = staged[config_path] = temp_path(config_path)
             text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
             config_tmp.write_text(text, encoding="utf-8")
+            for tmp in staged.values():  # the new content is on disk before any name changes
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
             config_path.unlink(missing_ok=True)  # from here until the last rename: not loadable
+            fsync_dir(folder)
             for final, tmp in staged.items():  # classifier.json last (dicts keep insertion order)
                 os.replace(tmp, final)
+            fsync_dir(folder)
         finally:
             for tmp in staged.values():
                 tmp.unlink(missing_ok=True)
