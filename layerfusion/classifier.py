@@ -15,6 +15,7 @@ import torch
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.errors import CheckpointError, ConfigError
+from layerfusion.files import atomic_write as _write_atomic
 from layerfusion.fusion.heads import HEADS, build_head
 
 FORMAT, VERSION = "layerfusion-classifier", 1
@@ -464,16 +465,6 @@ def _training_summary(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str
             out["best_score"] = float(state["best_model_score"])
             break
     return out
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling file, then rename: a failed save leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["Classifier", "read_checkpoint"]
