@@ -12,11 +12,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from layerfusion.callbacks.tracking import log_image, log_metrics, log_table
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from layerfusion import plots
 from layerfusion.errors import ConfigError
+from layerfusion.files import write_json
 from layerfusion.importance import (
     COLUMNS,
     LayerScore,
@@ -31,7 +33,6 @@ from layerfusion.importance import (
 )
 from layerfusion.importance.scores import __doc__ as SCORE_FORMULA
 from layerfusion.importance.scores import jsonable, row_from_dict
-from layerfusion.tracking import log_image, log_metrics, log_table, write_json
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: scored on samples of train and dev
