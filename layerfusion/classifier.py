@@ -36,6 +36,9 @@ class Classifier:
         compute_dtype: precision of every encoder's forward pass, overriding what each encoder was
             trained with (`auto`, `float32`, `tfloat32`, `bfloat16`, `float16`; see `EncoderSpec`).
         batch_size: texts per forward pass.
+        trust_remote_code: let the encoders' model directories run their own Python code. Only this
+            argument can turn it on: a `trust_remote_code` stored in classifier.json or in a
+            checkpoint's hyperparameters is ignored, so loading an artifact never runs code from it.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class Classifier:
         device: str | torch.device | None = None,
         compute_dtype: ComputeDtype | None = None,
         batch_size: int = 64,
+        trust_remote_code: bool = False,
     ) -> None:
         _check_config(config)
         if batch_size < 1:
@@ -56,8 +60,13 @@ class Classifier:
         self.batch_size = batch_size
         self.encoders: dict[str, FrozenEncoder] = {}
         for raw in config["encoders"]:
+            # the artifact's own trust_remote_code never counts: only the caller's argument
             spec = EncoderSpec(
-                **{**raw, **({"compute_dtype": compute_dtype} if compute_dtype else {})}
+                **{
+                    **raw,
+                    **({"compute_dtype": compute_dtype} if compute_dtype else {}),
+                    "trust_remote_code": trust_remote_code,
+                }
             )
             with no_loading_bars():
                 encoder = FrozenEncoder(spec)
@@ -329,6 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="texts per forward pass (default: 64)"
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the encoders' model directories run their own Python code (a value stored in the "
+        "model file is never used)",
+    )
     args = parser.parse_args(argv)
     texts = list(args.texts)
     if args.file:
@@ -339,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": args.device,
         "compute_dtype": args.compute_dtype,
         "batch_size": args.batch_size,
+        "trust_remote_code": args.trust_remote_code,
     }
     model = Path(args.model)
     clf = (
