@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,6 +37,7 @@ class ClassifierAPI(ls.LitAPI):
         threads: intra-op threads of each CPU worker (default: the CPU's cores shared among the workers).
         max_batch_size: requests gathered into one batch, and texts per forward pass.
         batch_timeout: seconds a batch waits for more requests before it runs.
+        trust_remote_code: let the encoders' model directories run their own Python code.
     """
 
     def __init__(
@@ -45,9 +47,11 @@ class ClassifierAPI(ls.LitAPI):
         threads: int | None = None,
         max_batch_size: int = 16,
         batch_timeout: float = 0.01,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.model, self.compute_dtype, self.threads = str(model), compute_dtype, threads
+        self.trust_remote_code = trust_remote_code
 
     def setup(self, device: str) -> None:
         """Load the classifier once for this worker, on `device`."""
@@ -60,6 +64,7 @@ class ClassifierAPI(ls.LitAPI):
             device=device,
             compute_dtype=self.compute_dtype,
             batch_size=self.max_batch_size,
+            trust_remote_code=self.trust_remote_code,
         )
 
     def decode_request(self, request) -> tuple[list[str], int | None, bool]:
@@ -198,6 +203,7 @@ def serve(
     max_texts: int = MAX_TEXTS,
     max_body_bytes: int = MAX_BODY_BYTES,
     timeout: float = 30.0,
+    trust_remote_code: bool = False,
 ) -> None:
     """Serve the classifier in `model` until Ctrl+C or SIGTERM (see the module docstring for the endpoints)."""
     accelerator, devices = _parse_device(device)
@@ -205,11 +211,13 @@ def serve(
         raise ConfigError("--workers, --max-batch-size, --max-texts and --max-body-bytes must be >= 1")
     if batch_timeout < 0 or timeout <= batch_timeout:
         raise ConfigError("--batch-timeout must be >= 0 and below --timeout")
-    info = describe(model, compute_dtype, accelerator)
+    info = describe(model, compute_dtype, accelerator, trust_remote_code)
     threads = None
     if accelerator == "cpu":
         threads = max(1, (os.cpu_count() or 1) // workers)
-    api = ClassifierAPI(model, compute_dtype, threads, max_batch_size, batch_timeout)
+    api = ClassifierAPI(
+        model, compute_dtype, threads, max_batch_size, batch_timeout, trust_remote_code
+    )
     info["serving"] = {
         "max_batch_size": max_batch_size,
         "batch_timeout": batch_timeout,
@@ -230,23 +238,29 @@ def serve(
         f"layerfusion serve: {model} on http://{host}:{port} "
         "(POST /predict, GET /health, GET /info); Ctrl+C or SIGTERM stops it"
     )
-    with _sigterm_as_interrupt():
-        server.run(
-            host=host,
-            port=port,
-            log_level="warning",
-            generate_client_file=False,
-            api_server_worker_type="process",
-        )
+    server.run(
+        host=host,
+        port=port,
+        log_level="warning",
+        generate_client_file=False,
+        api_server_worker_type="process",
+    )
     print("layerfusion serve: stopped", file=sys.stderr, flush=True)
 
 
-def describe(model: str | os.PathLike, compute_dtype: str | None, device_type: str) -> dict[str, Any]:
+def describe(
+    model: str | os.PathLike,
+    compute_dtype: str | None,
+    device_type: str,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """What `GET /info` shows: labels, encoders (weights hash, revision, layers read, precision), version.
 
     Loads the classifier once on the CPU, so that a bad model fails here with one line, before any worker starts.
     """
-    clf = load_classifier(model, device="cpu", compute_dtype=compute_dtype)
+    clf = load_classifier(
+        model, device="cpu", compute_dtype=compute_dtype, trust_remote_code=trust_remote_code
+    )
     ids = clf.config["encoder_ids"]
     encoders = []
     for key, encoder in clf.encoders.items():
@@ -323,6 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="seconds a request may wait for a worker (default: 30; 504 after)"
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the encoders' model directories run their own Python code (a value stored in the "
+        "model file is never used)",
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "0.0.0.0", "::"):
         parser.error(f"--host must be 127.0.0.1, 0.0.0.0 or :: (LitServe binds no other), got {args.host}")
@@ -340,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_texts=args.max_texts,
         max_body_bytes=args.max_body_bytes,
         timeout=args.timeout,
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
 
@@ -348,33 +369,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Server(ls.LitServer):
-    """LitServer that prints one line once a worker is ready (LitServe's own logs stay at warning level)."""
+    """LitServer that prints one line once a worker is ready (LitServe's own logs stay at warning level),
+    stops on SIGTERM like on `/shutdown`, and shuts down once, its worker monitor stopped first."""
 
     ready_line = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop_lock, self._stopped = threading.Lock(), False
 
     def verify_worker_status(self) -> None:
         super().verify_worker_status()
         print(self.ready_line, file=sys.stderr, flush=True)
 
-
-class _sigterm_as_interrupt:
-    """SIGTERM in the server's main process runs LitServe's Ctrl+C shutdown (workers stopped, port freed)."""
-
-    def __enter__(self):
+    def run(self, *args: Any, **kwargs: Any) -> None:
         owner = os.getpid()
 
-        def handler(signum, frame):
+        def on_sigterm(signum, frame):
             if os.getpid() != owner:  # a forked child that kept this handler: die as SIGTERM asks
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
+            elif self._shutdown_event is None:  # before LitServe has started anything
+                raise KeyboardInterrupt
+            else:  # what /shutdown does; from a thread of its own (the main one may be waiting on it)
+                threading.Thread(target=self._shutdown_event.set, daemon=True).start()
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            super().run(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal") -> None:
+        # LitServe 0.2.19 may run this twice at once (main thread, and its monitor when it sees the
+        # workers it is stopping), and its monitor then polls the manager it shut down (a traceback)
+        with self._stop_lock:
+            if self._stopped:
                 return
-            raise KeyboardInterrupt
-
-        self.previous = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+            self._stopped = True
+            setter = threading.Thread(target=self._shutdown_event.set, daemon=True)
+            setter.start()
+            setter.join(timeout=5)
+            for thread in threading.enumerate():
+                if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
+                    thread.join(timeout=self.monitor_internal + 5)
+            super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
 
 
 def _parse_device(device: str) -> tuple[str, str | list[int]]:
