@@ -15,6 +15,7 @@ import torch
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.errors import CheckpointError, ConfigError
+from layerfusion.files import atomic_write as _write_atomic
 from layerfusion.fusion.heads import HEADS, build_head
 
 FORMAT, VERSION = "layerfusion-classifier", 1
@@ -27,6 +28,12 @@ class Classifier:
     The encoders run online, each only up to the deepest layer the head reads (early exit); nothing
     is cached and no Trainer is involved. Build one with `from_checkpoint` (a `fit` checkpoint) or
     `load` (a folder written by `save`).
+
+    Thread safety: one `Classifier` may be shared by several threads calling `predict` /
+    `predict_proba` at once; each call gives exactly what it gives alone. The encoders' layer taps keep
+    their state per call and early exit stops the forward pass without changing the model (see
+    docs/security.md; tests/test_threads.py). Do not change `layers`, `device` or the encoders while
+    calls are running.
 
     Args:
         config: what `save` writes to classifier.json: encoders, label names, head kind and
@@ -433,18 +440,10 @@ def _check_config(config: dict[str, Any]) -> None:
 
 
 def _check_weights(encoder: FrozenEncoder, trained: dict[str, Any] | None) -> None:
-    """The encoder must be the one the head was trained on: same weights (SHA-256) and depth."""
+    """The encoder must be the one the head was trained on: weights, depth, tokenizer, max_length."""
     if trained is None:
         raise CheckpointError(f"classifier has no weight hash for encoder {encoder.spec.key!r}")
-    if (
-        encoder.fingerprint() != trained["weights_sha256"]
-        or encoder.num_layers != trained["layers"]
-    ):
-        raise ConfigError(
-            f"encoder {encoder.spec.key!r} ({encoder.spec.name}) is not the one this head was trained on: "
-            f"weights SHA-256 {encoder.fingerprint()[:12]}..., {encoder.num_layers} layers; trained on "
-            f"{trained['weights_sha256'][:12]}..., {trained['layers']} layers"
-        )
+    encoder.check_identity(trained)
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -466,16 +465,6 @@ def _training_summary(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str
             out["best_score"] = float(state["best_model_score"])
             break
     return out
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling file, then rename: a failed save leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["Classifier", "read_checkpoint"]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from layerfusion import plots
-from layerfusion.tracking import write_csv
+from layerfusion.files import write_csv
 
 COLUMNS = [
     "run",
