@@ -264,16 +264,11 @@ def describe(
     ids = clf.config["encoder_ids"]
     encoders = []
     for key, encoder in clf.encoders.items():
-        row = {
-            "key": key,
-            "name": encoder.spec.name,
-            "weights_sha256": ids[key]["weights_sha256"],
-            "layers": clf.layers[key],
-            "compute_dtype": encoder.compute_precision(device_type),
-        }
-        revision = getattr(encoder.spec, "revision", None) or ids[key].get("revision")
-        if revision:
-            row["revision"] = revision
+        recorded = ids[key]  # what the head was trained on, checked against the loaded encoder
+        row = {"key": key, "name": encoder.spec.name}
+        row.update({f: recorded[f] for f in ("revision", "weights_sha256", "tokenizer_sha256") if recorded.get(f)})
+        row["layers"] = clf.layers[key]
+        row["compute_dtype"] = encoder.compute_precision(device_type)
         encoders.append(row)
     info = {
         "label_names": list(clf.label_names),

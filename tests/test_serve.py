@@ -60,10 +60,7 @@ def classifier_dir(tmp_path_factory, tiny_models) -> Path:
         "head_args": {"hidden": 16},
         "layers": layers,
         "encoders": [dataclasses.asdict(s) for s in specs],
-        "encoder_ids": {
-            k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
-            for k, e in encoders.items()
-        },
+        "encoder_ids": {k: e.identity() for k, e in encoders.items()},
     }
     out = tmp_path_factory.mktemp("serve") / "clf"
     return Classifier(config, head.state_dict(), device="cpu").save(out)
@@ -138,7 +135,8 @@ def test_predictions_equal_the_classifier(server, expected, classifier_dir):
     saved = json.loads((classifier_dir / "classifier.json").read_text())
     assert [e["key"] for e in model["encoders"]] == ["bert", "gpt2"]
     for e in model["encoders"]:
-        assert e["weights_sha256"] == saved["encoder_ids"][e["key"]]["weights_sha256"]
+        for field in ("weights_sha256", "tokenizer_sha256"):
+            assert e[field] == saved["encoder_ids"][e["key"]][field]
         assert e["layers"] == saved["layers"][e["key"]] and e["compute_dtype"] == "float32"
     assert model["layerfusion"] and model["serving"]["max_batch_size"] == 8
 
