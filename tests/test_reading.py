@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO
 
 from layerfusion.data.datamodule import TextClassificationDataModule
-from layerfusion.data.readers import DataError, iter_file, read_file
+from layerfusion.data.readers import DataError, read_file
 from layerfusion.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -364,4 +364,4 @@ def test_sst2_and_mr_labels_read_as_negative_and_positive(shared_data, tmp_path)
     old = TextClassificationDataModule(dataset="sst2", data_dir=str(shared_data), labels=["0", "1"])
     old.setup("validate")
     assert set(old.splits["val"].labels) == {"0", "1"}
-    assert [r.label for r in iter_file(shared_data / "r8" / "test.jsonl")][:1] == ["trade"]
+    assert read_file(shared_data / "r8" / "test.jsonl").labels[:1] == ["trade"]  # words already
