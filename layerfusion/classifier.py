@@ -15,6 +15,7 @@ import torch
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.errors import CheckpointError, ConfigError
+from layerfusion.files import atomic_write as _write_atomic
 from layerfusion.fusion.heads import HEADS, build_head
 
 FORMAT, VERSION = "layerfusion-classifier", 1
@@ -28,6 +29,12 @@ class Classifier:
     is cached and no Trainer is involved. Build one with `from_checkpoint` (a `fit` checkpoint) or
     `load` (a folder written by `save`).
 
+    Thread safety: one `Classifier` may be shared by several threads calling `predict` /
+    `predict_proba` at once; each call gives exactly what it gives alone. The encoders' layer taps keep
+    their state per call and early exit stops the forward pass without changing the model (see
+    docs/security.md; tests/test_threads.py). Do not change `layers`, `device` or the encoders while
+    calls are running.
+
     Args:
         config: what `save` writes to classifier.json: encoders, label names, head kind and
             hyperparameters, the layers the head reads, and the hash of each encoder's weights.
@@ -36,6 +43,9 @@ class Classifier:
         compute_dtype: precision of every encoder's forward pass, overriding what each encoder was
             trained with (`auto`, `float32`, `tfloat32`, `bfloat16`, `float16`; see `EncoderSpec`).
         batch_size: texts per forward pass.
+        trust_remote_code: let the encoders' model directories run their own Python code. Only this
+            argument can turn it on: a `trust_remote_code` stored in classifier.json or in a
+            checkpoint's hyperparameters is ignored, so loading an artifact never runs code from it.
     """
 
     def __init__(
@@ -45,6 +55,7 @@ class Classifier:
         device: str | torch.device | None = None,
         compute_dtype: ComputeDtype | None = None,
         batch_size: int = 64,
+        trust_remote_code: bool = False,
     ) -> None:
         _check_config(config)
         if batch_size < 1:
@@ -56,8 +67,13 @@ class Classifier:
         self.batch_size = batch_size
         self.encoders: dict[str, FrozenEncoder] = {}
         for raw in config["encoders"]:
+            # the artifact's own trust_remote_code never counts: only the caller's argument
             spec = EncoderSpec(
-                **{**raw, **({"compute_dtype": compute_dtype} if compute_dtype else {})}
+                **{
+                    **raw,
+                    **({"compute_dtype": compute_dtype} if compute_dtype else {}),
+                    "trust_remote_code": trust_remote_code,
+                }
             )
             with no_loading_bars():
                 encoder = FrozenEncoder(spec)
@@ -329,6 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="texts per forward pass (default: 64)"
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the encoders' model directories run their own Python code (a value stored in the "
+        "model file is never used)",
+    )
     args = parser.parse_args(argv)
     texts = list(args.texts)
     if args.file:
@@ -339,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": args.device,
         "compute_dtype": args.compute_dtype,
         "batch_size": args.batch_size,
+        "trust_remote_code": args.trust_remote_code,
     }
     model = Path(args.model)
     clf = (
@@ -450,16 +473,6 @@ def _training_summary(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str
             out["best_score"] = float(state["best_model_score"])
             break
     return out
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling file, then rename: a failed save leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["Classifier", "read_checkpoint"]

@@ -282,6 +282,22 @@ class LayerFusionModule(L.LightningModule):
 
     # -- checkpoints: head only ------------------------------------------------------------------
 
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path, *args, trust_remote_code: bool = False, **kwargs
+    ) -> LayerFusionModule:
+        """Lightning's `load_from_checkpoint`, except that the checkpoint's own `trust_remote_code`
+        never counts: only this argument (or `encoders` passed here) can let a model run its code."""
+        if "encoders" not in kwargs:
+            from layerfusion.classifier import read_checkpoint
+
+            hparams = read_checkpoint(checkpoint_path).get("hyper_parameters") or {}
+            kwargs["encoders"] = [
+                {**dict(e), "trust_remote_code": trust_remote_code}
+                for e in hparams.get("encoders") or []
+            ]
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Only the head's weights: encoders are frozen and identified by their hash instead."""
         return self.head.state_dict(

@@ -306,7 +306,7 @@ def test_runs_can_be_tracked_in_wandb(reproduced, monkeypatch):
 
 def test_reuse_key_is_the_resolved_config_without_the_logger():
     """Writing out a default changes nothing, changing a value does, and so does not the logger."""
-    from layerfusion.reproduce import settings_hash
+    from layerfusion.cli import resolved_config_hash as settings_hash
 
     cfg = yaml.safe_load((REPO / "configs" / "experiments" / "sst2.yaml").read_text())
     base = settings_hash(cfg)

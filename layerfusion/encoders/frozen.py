@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from layerfusion.encoders.taps import LayerTaps, Pooling
 from layerfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
+_REOPENING = threading.Lock()  # module level: a lock attribute would not pickle for ddp_spawn
 
 # model_type -> (embedding-output module, list of blocks, final norm applied to the last block or None).
 # Each entry matches what the model returns as `output_hidden_states` (checked in tests).
@@ -106,6 +108,7 @@ class FrozenEncoder(nn.Module):
         freeze(self.model)
         set_mpnet_sdpa(self.model)
         self.taps = LayerTaps(tap_modules(self.model), spec.pooling)
+        self.taps.stop_before(blocks_of(self.model))
         self._fingerprint: str | None = None
         self._precision: dict[str, tuple[str, str]] = {}
 
@@ -127,22 +130,30 @@ class FrozenEncoder(nn.Module):
     ) -> torch.Tensor:
         """Pooled layers `0..depth` (default: all) in fp32, `[B, depth+1, d]`, without gradients.
 
-        Blocks above `depth` are not run at all (early exit): the block list is cut for this pass.
+        Blocks above `depth` are not run at all (early exit): the pass stops before the first block no
+        recorded layer needs. Safe to call from several threads at once: all per-call state lives in
+        this call's `Recording`, and the model is not changed.
         """
         depth = self.num_layers - 1 if depth is None else int(depth)
         if not 0 <= depth < self.num_layers:
             raise ValueError(f"depth must be in 0..{self.num_layers - 1}, got {depth}")
-        if not self.taps.active:  # closed by a previous stage's teardown
-            self.taps = LayerTaps(tap_modules(self.model), self.spec.pooling)
-        self.taps.start(attention_mask, depth)
+        taps = self.taps
+        if not taps.active:  # closed by a previous stage's teardown
+            with _REOPENING:
+                if not self.taps.active:
+                    self.taps = LayerTaps(tap_modules(self.model), self.spec.pooling)
+                taps = self.taps
+        taps.stop_before(
+            blocks_of(self.model)
+        )  # a no-op unless a wrapper (FSDP) replaced the blocks
         extra = {"use_cache": False} if self.model.config.model_type in DECODERS else {}
         with (
             torch.no_grad(),
             self.compute_context(input_ids.device),
-            only_blocks(self.model, depth),
+            taps.record(attention_mask, depth) as recording,
         ):
             self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
-        return self.taps.stack()
+        return recording.stack()
 
     def compute_precision(self, device: torch.device | str) -> str:
         """The precision this encoder computes in on `device` (`float32`, `tfloat32`, `bfloat16`, `float16`).
@@ -348,24 +359,9 @@ def _mpnet_sdpa_forward(
     return (self.o(context.transpose(1, 2).reshape(*input_shape, self.all_head_size)),)
 
 
-@contextmanager
-def only_blocks(model: nn.Module, depth: int) -> Iterator[None]:
-    """Cut the model's block list to the blocks below hidden state `depth` for the duration (early exit).
-
-    At least one block stays: some encoders (DeBERTa) cannot run without any.
-    """
-    _, blocks, _ = ARCHITECTURES[model.config.model_type]
-    parent_name, _, attr = blocks.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    full = getattr(parent, attr)
-    if depth >= len(full):
-        yield
-        return
-    setattr(parent, attr, full[: max(depth, 1)])
-    try:
-        yield
-    finally:
-        setattr(parent, attr, full)
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (as it is now: FSDP replaces its elements by wrappers)."""
+    return model.get_submodule(ARCHITECTURES[model.config.model_type][1])
 
 
 def resolve_compute_dtype(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfusion.errors import ConfigError
+from layerfusion.fusion.lbfgs import fit_lbfgs
 
 HeadKind = Literal[
     "gated",
@@ -214,25 +215,16 @@ class LinearHead(FusionHead):
         y = torch.as_tensor(labels, dtype=torch.long, device=x.device)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
-        opt = torch.optim.LBFGS(
-            self.linear.parameters(),
-            lr=1,
-            max_iter=max_iter,
+        return fit_lbfgs(
+            self.linear,
+            x,
+            y,
+            l2,
+            max_iter,
             tolerance_grad=tol,
             tolerance_change=1e-12,
             history_size=20,
-            line_search_fn="strong_wolfe",
         )
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(self.linear(x), y) + 0.5 * l2 * self.linear.weight.square().sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        return int(opt.state[opt._params[0]].get("n_iter", 0))
 
 
 HEADS: dict[str, type[FusionHead]] = {
