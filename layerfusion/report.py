@@ -8,7 +8,7 @@ from pathlib import Path
 
 from layerfusion import plots
 from layerfusion.errors import LayerFusionError
-from layerfusion.tracking import write_csv
+from layerfusion.files import write_csv
 
 COLUMNS = [
     "run",

@@ -163,9 +163,69 @@ def test_online_the_hub_id_reaches_from_pretrained(tmp_path, monkeypatch, empty_
     try:
         with pytest.raises(OSError):
             load_config(EncoderSpec("layerfusion-test/on-the-hub"))
+        with pytest.raises(OSError):  # a pinned revision is what the hub is asked for
+            load_config(EncoderSpec("layerfusion-test/on-the-hub", revision="v1.2"))
     finally:
         server.shutdown()
     assert "/layerfusion-test/on-the-hub/resolve/main/config.json" in asked, asked
+    assert "/layerfusion-test/on-the-hub/resolve/v1.2/config.json" in asked, asked
+
+
+def test_a_directory_here_shadows_a_hub_id_only_when_it_holds_a_model(
+    tmp_path, monkeypatch, empty_hub_cache, hub_online
+) -> None:
+    """An output folder named like a hub model (`roberta-base/`, `org/model/`) in the working directory
+    is not a model: the name still means the hub id. A path-like name is a directory and nothing else."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    (tmp_path / "roberta-base").mkdir()
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    assert resolve_model("roberta-base") == "roberta-base"  # the hub id, for from_pretrained
+    copy = _models_dir_copy(tmp_path / "models", "org/model")
+    assert resolve_model("org/model") == str(copy)  # $LAYERFUSION_MODELS before the empty folder
+    assert resolve_model("./roberta-base") == "./roberta-base"  # asked for as a path: the directory
+    (tmp_path / "roberta-base" / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    assert resolve_model("roberta-base") == "roberta-base"  # now a model directory, used as given
+    assert resolve_model("roberta-base", revision="v1") == "roberta-base"  # a revision: the hub
+    from layerfusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="local directory, which has no revisions"):
+        resolve_model("./roberta-base", revision="v1")
+
+
+def _hub_snapshot(cache: Path, name: str, revision: str, source: str, commit: str) -> None:
+    """`source`'s files as snapshot `commit` of hub id `name` in the Hugging Face cache, `revision` -> it."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+
+
+def test_a_pinned_revision_is_loaded_and_recorded_with_the_head(
+    tmp_path, monkeypatch, empty_hub_cache, hub_offline, tiny_models
+) -> None:
+    """`encoders[*].revision` picks that snapshot over the local copy and the default branch, and is
+    written to the classifier folder; loading the folder loads that revision again."""
+    from test_threads import build_classifier
+
+    from layerfusion import Classifier
+    from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+
+    name = "layerfusion-test/tiny"
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    shutil.copytree(tiny_models["bert"], tmp_path / "models" / name)
+    _hub_snapshot(empty_hub_cache, name, "main", tiny_models["bert"], "a" * 40)
+    _hub_snapshot(empty_hub_cache, name, "v1", tiny_models["roberta"], "b" * 40)
+    assert FrozenEncoder(EncoderSpec(name)).model.config.model_type == "bert"
+    pinned = FrozenEncoder(EncoderSpec(name, revision="v1"))
+    assert pinned.model.config.model_type == "roberta" and pinned.identity()["revision"] == "v1"
+    spec = dict(name=name, revision="v1", alias="tiny", compute_dtype="float32")
+    folder = build_classifier([spec], {"tiny": [2]}).save(tmp_path / "clf")
+    saved = json.loads((folder / "classifier.json").read_text())
+    assert saved["encoders"][0]["revision"] == "v1"
+    assert saved["encoder_ids"]["tiny"]["revision"] == "v1"
+    loaded = Classifier.load(folder)
+    assert loaded.encoders["tiny"].model.config.model_type == "roberta"
 
 
 def test_models_dir_env_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

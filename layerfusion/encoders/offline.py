@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from layerfusion.errors import ModelNotFoundError
+from layerfusion.errors import ConfigError, ModelNotFoundError
 from layerfusion.leftovers import remove_dead_leftovers
 
 __all__ = [
@@ -123,17 +123,28 @@ def materialize(
 def resolve_model(name: str, revision: str | None = None) -> str:
     """Map a model name to what `from_pretrained` should load: a local directory or a hub id.
 
-    Order: an existing directory `name`; `<models_dir()>/<name>` (skipped when a `revision` is asked
-    for: those copies carry none); then the hub id `name`. Offline (`HF_HUB_OFFLINE=1`) the hub id is
-    used only when the Hugging Face cache already holds it (at `revision`); online it is returned as
-    is and `from_pretrained` downloads it into (or revalidates it in) the Hugging Face cache.
+    A path-like name (one that cannot be a hub id: absolute, starting with `.` or `~`, or with more than
+    one `/`) is a directory and nothing else. A name that can be a hub id resolves, in order, to a directory
+    of that name here only when it holds a model (`config.json`; an output folder named like a hub model
+    does not shadow it), to `<models_dir()>/<name>`, then to the hub id itself; with a `revision` the
+    local copies are skipped (they carry none). Offline (`HF_HUB_OFFLINE=1`) the hub id is used only when
+    the Hugging Face cache already holds it (at `revision`); online it is returned as is and
+    `from_pretrained` downloads it into (or revalidates it in) the Hugging Face cache.
     """
-    if Path(name).expanduser().is_dir():
+    problem = _hub_id_problem(name)
+    here = Path(name).expanduser()
+    if problem and here.is_dir():
+        if revision:
+            raise ConfigError(
+                f"model {name!r} is a local directory, which has no revisions: remove revision "
+                f"{revision!r}, or name the model by its hub id to load that revision"
+            )
+        return str(here) if name.startswith("~") else name
+    if not problem and revision is None and (here / "config.json").is_file():
         return name
     local = models_dir() / name
     if revision is None and (local / "config.json").is_file():
         return str(local)
-    problem = _hub_id_problem(name)
     if problem:
         raise ModelNotFoundError(
             f"model {name!r} not found: it is not a directory, {local} holds no config.json "
