@@ -1,9 +1,17 @@
 """Data sources, the label map and batching (the DataModule is imported on first use: it needs Lightning)."""
 
-from layerfusion.data.readers import DataError, read_file, read_jsonl
+from layerfusion.data.readers import DataError, Row, iter_file, read_file, read_jsonl
 from layerfusion.data.sources import NAMED_DATASETS
 
-__all__ = ["NAMED_DATASETS", "DataError", "TextClassificationDataModule", "read_file", "read_jsonl"]
+__all__ = [
+    "NAMED_DATASETS",
+    "DataError",
+    "Row",
+    "TextClassificationDataModule",
+    "iter_file",
+    "read_file",
+    "read_jsonl",
+]
 
 
 def __getattr__(name: str):
