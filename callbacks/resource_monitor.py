@@ -6,10 +6,11 @@ import time
 
 import lightning as L
 import torch
+from layerfusion.callbacks.tracking import log_metrics, run_dir
 from typing_extensions import override
 
+from layerfusion.files import write_json
 from layerfusion.memory import peak_memory_mb
-from layerfusion.tracking import log_metrics, run_dir, write_json
 
 
 class ResourceMonitor(L.Callback):

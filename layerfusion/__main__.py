@@ -1,4 +1,4 @@
-"""`python -m layerfusion` / `layerfusion`: `models`, `report`, `reproduce`, `analyze`, `classify`, or a LightningCLI
+"""`python -m layerfusion` / `layerfusion`: `models`, `report`, `reproduce`, `analyze`, `classify`, `serve`, or a LightningCLI
 subcommand (fit, validate, test, predict)."""
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
             from layerfusion.classify import main as classify_main
 
             sys.exit(classify_main(args[1:]))
+        if command == "serve":
+            from layerfusion.serve import main as serve_main
+
+            sys.exit(serve_main(args[1:]))
 
         from layerfusion.cli import cli_main
 

@@ -505,18 +505,10 @@ def _check_config(config: dict[str, Any]) -> None:
 
 
 def _check_weights(encoder: FrozenEncoder, trained: dict[str, Any] | None) -> None:
-    """The encoder must be the one the head was trained on: same weights (SHA-256) and depth."""
+    """The encoder must be the one the head was trained on: weights, depth, tokenizer, max_length."""
     if trained is None:
         raise CheckpointError(f"classifier has no weight hash for encoder {encoder.spec.key!r}")
-    if (
-        encoder.fingerprint() != trained["weights_sha256"]
-        or encoder.num_layers != trained["layers"]
-    ):
-        raise ConfigError(
-            f"encoder {encoder.spec.key!r} ({encoder.spec.name}) is not the one this head was trained on: "
-            f"weights SHA-256 {encoder.fingerprint()[:12]}..., {encoder.num_layers} layers; trained on "
-            f"{trained['weights_sha256'][:12]}..., {trained['layers']} layers"
-        )
+    encoder.check_identity(trained)
 
 
 def _check_texts(texts: str | Sequence[str]) -> list[str]:

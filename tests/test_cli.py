@@ -45,7 +45,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     assert best.is_file() and best.stat().st_size < 5e6
     ckpt = torch.load(best, weights_only=True)
     assert all(k.startswith("head.") for k in ckpt["state_dict"])
-    assert ckpt["layerfusion"]["label_names"] == ["0", "1"]
+    assert ckpt["layerfusion"]["label_names"] == ["negative", "positive"]  # sst2: readable names
     best_val = max(
         v["best_model_score"].item()
         for k, v in ckpt["callbacks"].items()

@@ -14,6 +14,7 @@ import lightning as L
 import yaml
 
 from layerfusion.errors import ConfigError
+from layerfusion.files import write_json
 from layerfusion.reproduce.grid import (
     L2_GRID,
     SPLITS,
@@ -25,7 +26,6 @@ from layerfusion.reproduce.grid import (
     _spec_key,
 )
 from layerfusion.reproduce.tables import aggregate, complementarity, significance
-from layerfusion.tracking import write_json
 
 log = logging.getLogger("layerfusion.reproduce")
 
