@@ -139,7 +139,7 @@ def iter_file(
             raise DataError(f"{row.where}: {_missing_label(path, fmt, row, label_field)}")
         yield row
     if n == 0:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{path}: no examples (the file has no data rows)")
 
 
 def read_file(
@@ -406,6 +406,8 @@ def _columns(
 
 def _width_problem(fmt: str, header: list[str], record: list[str]) -> str:
     found = f"expected {len(header)} fields as in the header {header}, found {len(record)}"
+    if fmt == "csv" and any("\n" in cell for cell in record):
+        return f"{found}: a quoted cell runs over {sum(c.count(chr(10)) for c in record)} line(s); is a closing quote missing?"
     if fmt == "tsv" and any(cell.startswith('"') for cell in record):
         opened = record[-1].startswith('"') and not record[-1].endswith('"')
         cause = "a newline inside a quoted cell" if opened else "a tab inside a quoted cell"
