@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
             sys.exit(analyze_main(args[1:]))
         if command == "classify":
-            from layerfusion.classifier import main as classify_main
+            from layerfusion.classify import main as classify_main
 
             sys.exit(classify_main(args[1:]))
         if command == "serve":

@@ -110,7 +110,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     # the Python API on the same checkpoint: encoders online, selected layers only, no Trainer
     from layerfusion import Classifier
 
-    mine = Classifier.from_checkpoint(best, device="cpu").predict([r["text"] for r in rows])
+    mine = Classifier.from_checkpoint(best, device="cpu").predict_dicts([r["text"] for r in rows])
     assert [m["label"] for m in mine] == [r["label"] for r in rows]  # row for row
     for m, r in zip(mine, rows, strict=True):
         assert m["probs"] == pytest.approx(r["probs"], abs=1e-5)

