@@ -4,12 +4,15 @@ written to, and `CachedFeatures`, the memory-mapped reader."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,8 @@ class FeatureCacheError(LayerFusionError, RuntimeError):
 
 class CachedFeatures:
     """A cache entry read through memory maps: `feats[rows]` is a tensor `[B, len(layers), d]` in the
-    entry's dtype, for rows given as a LongTensor, list, slice or int; `feats[rows, ...]` indexes further
+    entry's dtype, for rows given as a LongTensor, list, slice, int or bool mask (as for a tensor:
+    repeated rows are repeated); `feats[rows, ...]` indexes further
     like a tensor (layers by position). `layers` are the absolute layer indices held, `select` narrows
     them. Each chunk's SHA-256 is checked the first time this process reads it."""
 
@@ -78,7 +82,14 @@ class CachedFeatures:
             return self._rows(np.array([index % len(self)]))[0]
         if isinstance(index, slice):
             return self._rows(np.arange(len(self))[index])
-        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)
+        if idx.dtype == np.bool_:  # a mask, as for a tensor
+            if idx.shape != (len(self),):
+                raise IndexError(f"a row mask needs shape ({len(self)},), got {idx.shape}")
+            idx = np.flatnonzero(idx)
+        elif idx.size and idx.dtype.kind not in "iu":
+            raise IndexError(f"rows must be integers or a bool mask, got {idx.dtype}")
+        idx = idx.astype(np.int64)
         if idx.ndim != 1:
             raise IndexError(f"rows must be one-dimensional, got shape {idx.shape}")
         if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
@@ -98,7 +109,8 @@ class CachedFeatures:
             c = int(chunk[start])
             local = ordered[start:end] - c * self._chunk_rows
             array = self._chunk(c)
-            if local[-1] - local[0] == end - start - 1:  # sorted and consecutive: one slice
+            if local[-1] - local[0] == end - start - 1 and (np.diff(local) == 1).all():
+                # sorted, consecutive and distinct: one slice
                 block = array[local[0] : local[-1] + 1]
             else:
                 block = array[local]
@@ -189,9 +201,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_chunk(build: Path, index: int, array: np.ndarray) -> Path | None:
-    """Write chunk `index` atomically as `<index>.<sha256>.npy` (hashed as written, fsynced)."""
-    tmp = build / f"{_tmp_prefix()}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def write_chunk(build: Path, index: int, array: np.ndarray) -> Path | None:
+    """Publish chunk `index` as `<index>.<sha256>.npy` in `build`: written to a temporary name (hashed as
+    written, fsynced) and renamed (call it holding the chunk's claim, so no job finishes the entry while
+    the temporary file exists). None when the build directory is gone (another job finished the entry)."""
+    free = _free_bytes(build)
+    if free is not None and free < array.nbytes + 4096:
+        raise FeatureCacheError(
+            f"not enough disk space for feature cache chunk {index} ({array.nbytes / 2**20:,.1f} MiB as "
+            f"{array.dtype}) in {build}: {free / 2**20:,.1f} MiB free; free space or set "
+            "model.cache_dir elsewhere (the chunks written so far are kept and resumed)"
+        )
+    tmp = build / f"{tmp_prefix()}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as fh:
             writer = _HashingWriter(fh)
@@ -199,7 +220,9 @@ def _write_chunk(build: Path, index: int, array: np.ndarray) -> Path | None:
             fh.flush()
             os.fsync(fh.fileno())
         final = build / f"{index:06d}.{writer.sha.hexdigest()}.npy"
-        os.replace(tmp, final)
+        os.replace(
+            tmp, final
+        )  # a file of that name has these very bytes: replacing it changes nothing
         return final
     except OSError as err:
         if err.errno == errno.ENOSPC:
@@ -214,6 +237,79 @@ def _write_chunk(build: Path, index: int, array: np.ndarray) -> Path | None:
         tmp.unlink(missing_ok=True)
 
 
+def list_chunks(build: Path) -> dict[int, list[str]]:
+    """The chunk files in `build` by index (one directory listing; {} when it does not exist)."""
+    found: dict[int, list[str]] = {}
+    try:
+        names = os.listdir(build)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 3 and parts[2] == "npy" and parts[0].isdigit() and len(parts[1]) == 64:
+            found.setdefault(int(parts[0]), []).append(name)
+    return found
+
+
+def has_chunk(build: Path, index: int) -> bool:
+    """Whether `build` holds a file of chunk `index` (one listing)."""
+    prefix = f"{index:06d}."
+    try:
+        return any(n.startswith(prefix) and n.endswith(".npy") for n in os.listdir(build))
+    except FileNotFoundError:
+        return False
+
+
+def chunk_verified(build: Path, names: list[str]) -> bool:
+    """Whether one of the files `names` (copies of one chunk in `build`) has the content its name says;
+    copies that fail are removed."""
+    for name in names:
+        f = build / name
+        try:
+            if file_sha256(f) == name.split(".")[1]:
+                return True
+        except FileNotFoundError:
+            continue
+        log.warning("feature cache chunk %s fails its checksum: extracting it again", f)
+        f.unlink(missing_ok=True)
+    return False
+
+
+def build_dir(path: Path, chunk_rows: int) -> Path:
+    """The build directory of the entry at `path` in chunks of `chunk_rows` rows."""
+    return path.with_name(f".{path.name}.build-{chunk_rows}")
+
+
+def tmp_prefix() -> str:
+    """The prefix of this host's temporary chunk files (`remove_dead_leftovers` cleans them)."""
+    return f".tmp-{owner_tag()}-"
+
+
+def entry_layers(path: Path) -> list[int] | None:
+    """The layers an entry directory holds, from its name (`-L<n>`) or its manifest (`-S<hash>`)."""
+    suffix = path.name.rpartition("-")[2]
+    if suffix.startswith("L") and suffix[1:].isdigit():
+        return list(range(int(suffix[1:])))
+    if suffix.startswith("S"):
+        layers = read_manifest(path).get("layers")
+        return layers if isinstance(layers, list) else None
+    return None
+
+
+def chunk_layout(path: Path, rows: int) -> int | None:
+    """The rows per chunk of the chunk files in `path`, read from their headers (for an entry whose
+    manifest is lost): the largest chunk's rows, or None when there is no readable chunk."""
+    largest = None
+    for names in list_chunks(path).values():
+        for name in names:
+            try:
+                n = int(np.load(path / name, mmap_mode="r", allow_pickle=False).shape[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            largest = max(largest or 0, min(n, rows))
+    return largest
+
+
 class _HashingWriter:
     """A write-only file object that hashes what passes through it (np.save writes through `write`)."""
 
@@ -225,41 +321,98 @@ class _HashingWriter:
         return self.fh.write(data)
 
 
-def _chunk_verified(build: Path, index: int) -> bool:
-    """Whether `build` holds chunk `index` with the content its name says (bad copies are removed)."""
-    for f in build.glob(f"{index:06d}.*.npy"):
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+class EntryLock:
+    """Cooperation of the jobs building one entry, through POSIX record locks on `.<entry>.lock` beside
+    it (the operating system releases them when a process dies; NFS through its lock manager): byte 0
+    is held while a job finishes, reclaims or cleans the entry; byte 1 + i while a job extracts chunk i;
+    byte `_PRESENCE + chunk_rows`, shared, by every job building in that layout. The file is removed once
+    the entry is complete. Without lock support
+    (a warning once) builds still work but may extract a chunk twice."""
+
+    _PRESENCE = 1 << 40
+    _warned = False
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.with_name(f".{path.name}.lock")
         try:
-            if file_sha256(f) == f.name.split(".")[1]:
-                return True
-        except FileNotFoundError:
-            continue
-        log.warning("feature cache chunk %s fails its checksum: extracting it again", f)
-        f.unlink(missing_ok=True)
-    return False
+            self.fd: int | None = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            self._unsupported(err)
+            self.fd = None
 
+    def claim(self, index: int, block: bool = False) -> bool:
+        """Claim chunk `index` (False when another job holds it and `block` is False)."""
+        return self._lock(1 + index, fcntl.LOCK_EX, block)
 
-def _chunk_index(f: Path) -> int:
-    return int(f.name.split(".")[0])
+    def release(self, index: int) -> None:
+        """Release the claim on chunk `index`."""
+        self._unlock(1 + index)
 
+    @contextmanager
+    def finishing(self) -> Iterator[None]:
+        """Hold the entry's finish lock (waits for another job finishing it)."""
+        self._lock(0, fcntl.LOCK_EX, True)
+        try:
+            yield
+        finally:
+            self._unlock(0)
 
-def _chunk_count(build: Path) -> int:
-    return len(list(build.glob("*.npy")))
+    def building(self, chunk_rows: int) -> None:
+        """Say (until `close`) that this process builds in chunks of `chunk_rows` rows."""
+        self._lock(self._PRESENCE + chunk_rows, fcntl.LOCK_SH, True)
 
+    def layout_in_use(self, chunk_rows: int) -> bool:
+        """Whether a live job (another process) builds in chunks of `chunk_rows` rows."""
+        if self.fd is None:
+            return True
+        if not self._lock(self._PRESENCE + chunk_rows, fcntl.LOCK_EX, False):
+            return True
+        self._unlock(self._PRESENCE + chunk_rows)
+        return False
 
-def _build_dir(path: Path, chunk_rows: int) -> Path:
-    return path.with_name(f".{path.name}.build-{chunk_rows}")
+    def discard(self) -> None:
+        """Remove the lock file (call holding the finish lock, once the entry is complete: a job that
+        still waits on the old file then finds the entry complete; nothing is built any more)."""
+        self.file.unlink(missing_ok=True)
 
+    def close(self) -> None:
+        """Release every lock of this process on the entry."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
-def _tmp_prefix() -> str:
-    return f".tmp-{owner_tag()}-"
+    def _lock(self, offset: int, mode: int, block: bool) -> bool:
+        if self.fd is None:
+            return True
+        try:
+            fcntl.lockf(self.fd, mode if block else mode | fcntl.LOCK_NB, 1, offset)
+            return True
+        except OSError as err:
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            self._unsupported(err)
+            return True
 
+    def _unlock(self, offset: int) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
+            except OSError:
+                pass
 
-def _entry_layers(path: Path) -> list[int] | None:
-    """The layers an entry directory holds, from its name (`-L<n>`) or its manifest (`-S<hash>`)."""
-    suffix = path.name.rpartition("-")[2]
-    if suffix.startswith("L") and suffix[1:].isdigit():
-        return list(range(int(suffix[1:])))
-    if suffix.startswith("S"):
-        layers = read_manifest(path).get("layers")
-        return layers if isinstance(layers, list) else None
-    return None
+    def _unsupported(self, err: OSError) -> None:
+        if not EntryLock._warned:
+            EntryLock._warned = True
+            log.warning(
+                "feature cache: no file locks at %s (%s): jobs sharing this cache_dir may extract a "
+                "chunk twice; use a filesystem with locks (local disk, NFS with its lock manager)",
+                self.file.parent,
+                err,
+            )

@@ -12,6 +12,12 @@ import torch
 from layerfusion.encoders.frozen import FrozenEncoder
 from layerfusion.features.entry import FeatureCacheError
 
+FEATURES_VERSION = 1
+"""The version of the code that turns texts into pooled features (tokenisation, batching, tap placement,
+pooling, early exit, compute precision). It is part of every cache key: bump it when a change to that code
+changes any feature value, so caches built by the old code are not used. A change that keeps every value
+(a refactor) keeps it, so users' caches stay valid: tests/test_features_version.py records a hash of that
+code and fails until one of the two is done on purpose (see its docstring)."""
 TOKEN_BUDGET = 4096
 """Padded tokens per extraction batch (rows x longest row). Measured in benchmarks/scale.py (MPNet, every
 layer, 2-core CPU): on R8 documents of 512 tokens the peak RSS growth was 460 MiB at 4096 tokens, 901 at
