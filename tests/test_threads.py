@@ -46,41 +46,40 @@ def _run_concurrently(work, args: list) -> tuple[list, list[BaseException]]:
     return results, errors
 
 
-@pytest.fixture(scope="module")
-def classifier(tiny_models) -> Classifier:
-    """A Classifier over a tiny BERT and a tiny GPT-2 with a random gated head (3 classes)."""
-    specs = [
-        dict(name=tiny_models["bert"], alias="bert", max_length=32, compute_dtype="float32"),
-        dict(
-            name=tiny_models["gpt2"],
-            alias="gpt2",
-            pooling="last",
-            max_length=32,
-            compute_dtype="float32",
-        ),
-    ]
+def build_classifier(
+    specs: list[dict], layers: dict[str, list[int]], batch_size: int = 2
+) -> Classifier:
+    """A Classifier over the encoders of `specs` with a random gated head (3 classes), as `save` would
+    write it: encoder settings, layers and each encoder's `identity()`."""
     encoders = {s["alias"]: FrozenEncoder(EncoderSpec(**s)) for s in specs}
     torch.manual_seed(0)
     head = build_head(
         "gated",
         dims={k: e.hidden_size for k, e in encoders.items()},
         num_layers={k: e.num_layers for k, e in encoders.items()},
-        layers=LAYERS,
+        layers=layers,
         num_classes=3,
         hidden=16,
     )
     config = {
+        "format": "layerfusion-classifier",
+        "version": 1,
         "label_names": ["a", "b", "c"],
         "head": "gated",
         "head_args": {"hidden": 16},
-        "layers": LAYERS,
+        "layers": layers,
         "encoders": specs,
-        "encoder_ids": {
-            k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
-            for k, e in encoders.items()
-        },
+        "encoder_ids": {k: e.identity() for k, e in encoders.items()},
     }
-    return Classifier(config, head.state_dict(), device="cpu", batch_size=2)
+    return Classifier(config, head.state_dict(), device="cpu", batch_size=batch_size)
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_models) -> Classifier:
+    """A Classifier over a tiny BERT and a tiny GPT-2 (both early exits), batches of 2 texts."""
+    bert = dict(name=tiny_models["bert"], alias="bert", max_length=32, compute_dtype="float32")
+    gpt2 = dict(name=tiny_models["gpt2"], alias="gpt2", pooling="last", max_length=32)
+    return build_classifier([bert, {**gpt2, "compute_dtype": "float32"}], LAYERS)
 
 
 def test_classifier_called_from_threads_equals_serial(classifier):

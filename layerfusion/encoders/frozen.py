@@ -7,10 +7,10 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -73,6 +73,9 @@ class EncoderSpec:
     """Allow the model directory to run its own Python code. Off unless you trust the source."""
     alias: str | None = None
     """Short name used in logs, features and checkpoints (default: last part of `name`)."""
+    revision: str | None = None
+    """Hub revision to load (branch, tag or, to pin the exact files, a commit hash); recorded with the head.
+    With a revision the name is always the hub id: local copies (which carry none) are skipped."""
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -227,9 +230,66 @@ class FrozenEncoder(nn.Module):
         )
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def identity(self) -> dict[str, Any]:
+        """What a head trained on this encoder records about it (checkpoints, classifier folders): name,
+        revision, SHA-256 of the weights and of the tokenizer, depth and the effective max_length."""
+        return {
+            "name": self.spec.name,
+            "revision": self.spec.revision,
+            "weights_sha256": self.fingerprint(),
+            "layers": self.num_layers,
+            "tokenizer_sha256": self.tokenizer_fingerprint(),
+            "max_length": self.max_length,
+        }
+
+    def identity_differences(self, recorded: Mapping[str, Any]) -> list[str]:
+        """How this encoder differs from `recorded` (an `identity()` stored with a head) in what it computes:
+        weights, depth, tokenizer, max_length. Fields a record lacks (older layerfusion) are not compared."""
+        ours = self.identity()
+        out = []
+        for field, what in IDENTITY_CHECKED.items():
+            if field in recorded and recorded[field] != ours[field]:
+                now, then = ours[field], recorded[field]
+                if field.endswith("_sha256"):
+                    now, then = f"{str(now)[:12]}...", f"{str(then)[:12]}..."
+                out.append(f"{what} {now}, trained with {then}")
+        return out
+
+    def check_identity(self, recorded: Mapping[str, Any], artifact: str = "this head") -> None:
+        """Refuse to serve a head trained on another encoder, naming the encoder and what differs."""
+        differences = self.identity_differences(recorded)
+        if differences:
+            raise ConfigError(
+                f"encoder {self.spec.key!r} ({self.spec.name}) is not the one {artifact} was trained on: "
+                + "; ".join(differences)
+            )
+
     def close(self) -> None:
         """Remove the taps' hooks (the next forward registers them again)."""
         self.taps.remove()
+
+
+IDENTITY_CHECKED = {
+    "weights_sha256": "weights SHA-256",
+    "layers": "layers",
+    "tokenizer_sha256": "tokenizer SHA-256",
+    "max_length": "max_length",
+}
+"""The fields of `FrozenEncoder.identity()` a head's encoder must match, and how messages name them."""
+
+
+def encoders_mismatch(
+    recorded: Mapping[str, Mapping[str, Any]], encoders: Mapping[str, FrozenEncoder]
+) -> str | None:
+    """Why `encoders` are not the ones a head recorded (`{key: identity()}`), or None when they are."""
+    if set(recorded) != set(encoders):
+        return f"encoders {sorted(recorded)} were recorded, these are {sorted(encoders)}"
+    problems = [
+        f"{key}: {'; '.join(diff)}"
+        for key, encoder in encoders.items()
+        if (diff := encoder.identity_differences(recorded[key]))
+    ]
+    return " | ".join(problems) or None
 
 
 CONFIG_TRANSIENT = (
@@ -257,8 +317,8 @@ def load_pretrained(spec: EncoderSpec):
 
     from layerfusion.encoders.offline import resolve_model
 
-    path = resolve_model(spec.name)
-    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    path = resolve_model(spec.name, spec.revision)
+    kwargs = {"trust_remote_code": spec.trust_remote_code, **_revision(spec)}
     if spec.torch_dtype:
         kwargs["dtype"] = DTYPES[spec.torch_dtype]
     model = AutoModel.from_pretrained(path, **kwargs)
@@ -273,7 +333,9 @@ def load_tokenizer(spec: EncoderSpec, path: str | None = None):
     from layerfusion.encoders.offline import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(
-        path or resolve_model(spec.name), trust_remote_code=spec.trust_remote_code
+        path or resolve_model(spec.name, spec.revision),
+        trust_remote_code=spec.trust_remote_code,
+        **_revision(spec),
     )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -291,8 +353,15 @@ def load_config(spec: EncoderSpec):
     from layerfusion.encoders.offline import resolve_model
 
     return AutoConfig.from_pretrained(
-        resolve_model(spec.name), trust_remote_code=spec.trust_remote_code
+        resolve_model(spec.name, spec.revision),
+        trust_remote_code=spec.trust_remote_code,
+        **_revision(spec),
     )
+
+
+def _revision(spec: EncoderSpec) -> dict[str, str]:
+    """`from_pretrained`'s `revision` argument for `spec` (none when it pins no revision)."""
+    return {"revision": spec.revision} if spec.revision else {}
 
 
 def tap_modules(model: nn.Module) -> list[nn.Module]:

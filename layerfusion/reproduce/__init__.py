@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from layerfusion.errors import ConfigError
+from layerfusion.files import write_csv, write_text
 from layerfusion.reproduce.grid import COLUMNS, GROUP, L2_GRID, ROWS, SPLITS, Row
 from layerfusion.reproduce.markdown import markdown
 from layerfusion.reproduce.runner import (
@@ -63,7 +64,6 @@ from layerfusion.reproduce.tables import (
     significance,
     table_from_runs,
 )
-from layerfusion.tracking import write_csv, write_text
 
 __all__ = [
     "COLUMNS",

@@ -14,6 +14,7 @@ import lightning as L
 import yaml
 
 from layerfusion.errors import ConfigError
+from layerfusion.files import write_json
 from layerfusion.reproduce.grid import (
     L2_GRID,
     SPLITS,
@@ -25,7 +26,6 @@ from layerfusion.reproduce.grid import (
     _spec_key,
 )
 from layerfusion.reproduce.tables import aggregate, complementarity, significance
-from layerfusion.tracking import write_json
 
 log = logging.getLogger("layerfusion.reproduce")
 
@@ -108,7 +108,7 @@ def extract_features(cfg: dict, run_dir: Path) -> dict[str, dict]:
     cache keeps the earlier figures (NaN when there are none)."""
     import torch
 
-    from layerfusion.callbacks.resource_monitor import peak_memory_mb, reset_peak_memory
+    from layerfusion.memory import peak_memory_mb, reset_peak_memory
 
     path = run_dir / "extraction.json"
     try:
@@ -272,7 +272,7 @@ def _fit_head(c: dict, run_dir: Path) -> dict:
     from lightning.pytorch.loggers import WandbLogger
 
     from layerfusion.analysis import write_predictions
-    from layerfusion.callbacks.resource_monitor import peak_memory_mb, reset_peak_memory
+    from layerfusion.memory import peak_memory_mb, reset_peak_memory
 
     gc.collect()
     reset_peak_memory()
@@ -336,7 +336,7 @@ def _probe(c: dict) -> tuple[dict, dict, dict]:
     import torch
     from torchmetrics.functional.classification import multiclass_f1_score
 
-    from layerfusion.callbacks.resource_monitor import peak_memory_mb, reset_peak_memory
+    from layerfusion.memory import peak_memory_mb, reset_peak_memory
 
     gc.collect()
     reset_peak_memory()

@@ -1,4 +1,5 @@
-"""Run files and logger output shared by the callbacks: rank 0 only, W&B-aware (atomic writes: `files`)."""
+"""Lightning helpers shared by the callbacks: the run directory, gathering rows across ranks, logger
+output (W&B-aware, rank 0 only). Files are written with `layerfusion.files`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-
-from layerfusion.files import write_csv, write_json, write_text  # noqa: F401  (their former home)
 
 
 def run_dir(trainer: L.Trainer) -> Path:
