@@ -52,8 +52,7 @@ class LayerFusionModule(L.LightningModule):
         extract_token_budget: padded tokens per extraction batch (rows x longest row, length-sorted batches):
             bounds extraction memory whatever the text lengths. None = no bound.
         extract_batch_size: rows per extraction batch at most (None = as many as the token budget allows).
-        cache_chunk_rows: rows per cache chunk: the unit a killed extraction resumes from (None: 128 MiB
-            of float32 features a chunk, `features.cache.CHUNK_BYTES`).
+        cache_chunk_rows: rows per cache chunk: the unit a killed extraction resumes from.
     """
 
     def __init__(
@@ -71,7 +70,7 @@ class LayerFusionModule(L.LightningModule):
         cache_dtype: CacheDtype = "float16",
         extract_token_budget: int | None = TOKEN_BUDGET,
         extract_batch_size: int | None = None,
-        cache_chunk_rows: int | None = CHUNK_ROWS,
+        cache_chunk_rows: int = CHUNK_ROWS,
     ) -> None:
         super().__init__()
         if not encoders:

@@ -177,7 +177,8 @@ def test_rows_repeated_or_given_as_a_mask_read_as_a_tensor_would(tmp_path, encod
 
 
 def test_chunks_are_sized_in_bytes(tmp_path, encoder):
-    """tiny BERT: 3 layers x 32 x 4 B = 384 B a row; 2,000 B hold 5 rows of every layer, 15 of one."""
+    """tiny BERT: 3 layers x 32 x 4 B = 384 B a row; 2,000 B hold 5 rows of every layer, 15 of one;
+    `chunk_rows` bounds the rows too."""
     cache = FeatureCache(tmp_path, "float32", chunk_bytes=2000)
     assert cache.rows_per_chunk(3, 32) == 5 and cache.rows_per_chunk(1, 32) == 15
     every = cache.load_or_build(encoder, TEXTS, "train")
@@ -185,9 +186,10 @@ def test_chunks_are_sized_in_bytes(tmp_path, encoder):
         encoder, TEXTS, "train", layers=[1]
     )
     assert every.manifest["chunk_rows"] == 5 and one.manifest["chunk_rows"] == 15
-    assert (
-        FeatureCache(tmp_path).rows_per_chunk(33, 4096) == 248
-    )  # 128 MiB: a 33-layer 4096-wide decoder
+    default = FeatureCache(tmp_path)
+    assert default.rows_per_chunk(33, 4096) == 248  # 128 MiB: a 33-layer 4096-wide decoder
+    assert default.rows_per_chunk(7, 384) == 4096  # MiniLM: the row bound
+    assert FeatureCache(tmp_path, chunk_rows=3, chunk_bytes=2000).rows_per_chunk(3, 32) == 3
 
 
 def test_a_float32_overflow_chunk_is_checked_against_free_space_in_float32(
@@ -231,6 +233,7 @@ def test_resume_verification_lists_the_build_directory_a_constant_number_of_time
     assert counts[0] == counts[1], counts
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_run_report_keeps_row_numbers_exact_beyond_float32(tmp_path):
     """Rows 2**24 and 2**24 + 1 are one number in float32: RunReport keeps row numbers as int64."""
     import lightning as L
