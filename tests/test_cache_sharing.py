@@ -135,7 +135,7 @@ def test_leftovers_of_dead_owners_are_cleaned_and_live_ones_kept(tmp_path, encod
 LIVE_BUILDER = """
 import sys, time
 from pathlib import Path
-from layerfusion.features.entry import EntryLock
+from layerfusion.features.locks import EntryLock
 lock = EntryLock(Path(sys.argv[1]))
 lock.building(9)
 print("building", flush=True)

@@ -30,7 +30,8 @@ from layerfusion.features.extraction import FEATURES_VERSION
 
 RECORD = Path(__file__).with_name("features_code.json")
 CODE = {  # module -> the names in it that compute features (None: the whole module)
-    "layerfusion.features.extraction": ["forward_batches", "token_batches", "extract_chunk"],
+    "layerfusion.features.extraction": ["extract_chunk"],
+    "layerfusion.encoders.forward": None,
     "layerfusion.encoders.taps": None,
     "layerfusion.encoders.frozen": [
         "FrozenEncoder.forward",

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -21,17 +20,17 @@ from layerfusion.encoders.frozen import FrozenEncoder
 from layerfusion.errors import ConfigError, LayerFusionError
 from layerfusion.features.entry import (
     CachedFeatures,
-    EntryLock,
     FeatureCacheError,
     build_dir,
-    chunk_layout,
     chunk_verified,
     entry_layers,
     file_sha256,
     has_chunk,
     list_chunks,
     open_entry,
+    publish,
     read_manifest,
+    reclaim,
     tmp_prefix,
     verify,
     write_chunk,
@@ -46,7 +45,8 @@ from layerfusion.features.extraction import (
     forward_batches,
     token_batches,
 )
-from layerfusion.files import atomic_write, fsync_dir, remove_dead_leftovers
+from layerfusion.features.locks import EntryLock
+from layerfusion.files import remove_dead_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +177,14 @@ class FeatureCache:
                 "rebuilding what fails verification" if path == exact else "not using it",
             )
             if path == exact:
-                self._reclaim(path, key)
+                reclaim(path, key)
         if repair and exact.is_dir():  # an -S entry whose manifest cannot say which layers it holds
             log.warning(
                 "feature cache entry %s is unusable (%s): rebuilding what fails verification",
                 exact,
                 verify(exact, key),
             )
-            self._reclaim(exact, key)
+            reclaim(exact, key)
         return None
 
     def _stem(self, key: dict) -> Path:
@@ -418,7 +418,7 @@ class FeatureCache:
         try:
             with lock.finishing():
                 if verify(path, key) is not None:
-                    self._publish(key, path, build, seconds, compute_reason)
+                    publish(key, path, build, self.dtype, seconds, compute_reason)
                 for other in path.parent.glob(f".{path.name}.build-*"):
                     layout = other.name.rpartition("-")[2]
                     if layout.isdigit() and not lock.layout_in_use(int(layout)):
@@ -427,90 +427,6 @@ class FeatureCache:
         finally:
             lock.close()
         return path
-
-    def _publish(
-        self, key: dict, path: Path, build: Path, seconds: float, compute_reason: str
-    ) -> None:
-        """Write the manifest of the chunks in `build` and rename it to `path`."""
-        chunk_rows = int(build.name.rpartition("-")[2])
-        rows, count = key["rows"], math.ceil(key["rows"] / chunk_rows)
-        listed = list_chunks(build)
-        for names in listed.values():
-            for extra in sorted(names)[1:]:
-                (build / extra).unlink(missing_ok=True)  # a second copy (only without file locks)
-        missing = [i for i in range(count) if i not in listed]
-        if missing:
-            raise FeatureCacheError(
-                f"feature cache build {build} lacks chunks {missing[:5]} after extraction"
-            )
-        chunks = []
-        for i in range(count):
-            f = build / sorted(listed[i])[0]
-            array = np.load(f, mmap_mode="r", allow_pickle=False)  # reads the header only
-            expected = (min(chunk_rows, rows - i * chunk_rows), len(key["layers"]))
-            if array.shape[:2] != expected:
-                f.unlink(missing_ok=True)  # the next run extracts it again
-                raise FeatureCacheError(
-                    f"chunk {f} is {array.shape}, expected {expected} + (d,): removed; run again"
-                )
-            chunks.append(
-                {
-                    "file": f.name,
-                    "rows": int(array.shape[0]),
-                    "dtype": str(array.dtype),
-                    "bytes": f.stat().st_size,
-                    "sha256": f.name.split(".")[1],
-                }
-            )
-            dim = int(array.shape[2])
-        wide = sum(c["dtype"] != self.dtype for c in chunks)
-        manifest = {
-            "key": key,
-            "layers": key["layers"],
-            "shape": [rows, len(key["layers"]), dim],
-            "dtype": "float32" if wide else self.dtype,
-            "float32_chunks": wide,
-            "rows": rows,
-            "chunk_rows": chunk_rows,
-            "chunks": chunks,
-            "build_seconds": seconds,
-            "compute_reason": compute_reason,
-        }
-        if wide:
-            log.info(
-                "feature cache entry %s is float32: %d of %d chunks overflow float16",
-                path,
-                wide,
-                count,
-            )
-        atomic_write(build / "manifest.json", json.dumps(manifest, indent=1), fsync=True)
-        if path.exists():  # a damaged entry that find() could not reclaim
-            self._reclaim(path, key)
-        os.rename(build, path)
-        fsync_dir(path.parent)
-
-    def _reclaim(self, path: Path, key: dict) -> None:
-        """Turn the damaged entry at `path` back into a build directory: its chunks are kept and verified
-        there (by their content hash) when the build resumes; a manifest from other inputs drops them."""
-        manifest = read_manifest(path)
-        chunk_rows = manifest.get("chunk_rows")
-        if manifest and manifest.get("key") != key:
-            shutil.rmtree(path, ignore_errors=True)  # built from other inputs: nothing to keep
-            return
-        if not isinstance(chunk_rows, int):  # manifest lost: the layout is in the chunk files
-            chunk_rows = chunk_layout(path, key["rows"])
-        if chunk_rows is None:
-            shutil.rmtree(path, ignore_errors=True)  # no readable chunk to keep
-            return
-        build = build_dir(path, chunk_rows)
-        (path / "manifest.json").unlink(missing_ok=True)
-        if not build.exists():
-            os.rename(path, build)
-            return
-        for names in list_chunks(path).values():
-            for name in names:
-                os.replace(path / name, build / name)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- process groups ----------------------------------------------------------------------------

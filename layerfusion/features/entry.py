@@ -4,22 +4,21 @@ written to, and `CachedFeatures`, the memory-mapped reader."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from layerfusion.errors import LayerFusionError
-from layerfusion.files import owner_tag
+from layerfusion.files import atomic_write, fsync_dir, owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -328,91 +327,89 @@ def _free_bytes(directory: Path) -> int | None:
         return None
 
 
-class EntryLock:
-    """Cooperation of the jobs building one entry, through POSIX record locks on `.<entry>.lock` beside
-    it (the operating system releases them when a process dies; NFS through its lock manager): byte 0
-    is held while a job finishes, reclaims or cleans the entry; byte 1 + i while a job extracts chunk i;
-    byte `_PRESENCE + chunk_rows`, shared, by every job building in that layout. The file is removed once
-    the entry is complete. Without lock support
-    (a warning once) builds still work but may extract a chunk twice."""
-
-    _PRESENCE = 1 << 40
-    _warned = False
-
-    def __init__(self, path: Path) -> None:
-        self.file = path.with_name(f".{path.name}.lock")
-        try:
-            self.fd: int | None = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            self._unsupported(err)
-            self.fd = None
-
-    def claim(self, index: int, block: bool = False) -> bool:
-        """Claim chunk `index` (False when another job holds it and `block` is False)."""
-        return self._lock(1 + index, fcntl.LOCK_EX, block)
-
-    def release(self, index: int) -> None:
-        """Release the claim on chunk `index`."""
-        self._unlock(1 + index)
-
-    @contextmanager
-    def finishing(self) -> Iterator[None]:
-        """Hold the entry's finish lock (waits for another job finishing it)."""
-        self._lock(0, fcntl.LOCK_EX, True)
-        try:
-            yield
-        finally:
-            self._unlock(0)
-
-    def building(self, chunk_rows: int) -> None:
-        """Say (until `close`) that this process builds in chunks of `chunk_rows` rows."""
-        self._lock(self._PRESENCE + chunk_rows, fcntl.LOCK_SH, True)
-
-    def layout_in_use(self, chunk_rows: int) -> bool:
-        """Whether a live job (another process) builds in chunks of `chunk_rows` rows."""
-        if self.fd is None:
-            return True
-        if not self._lock(self._PRESENCE + chunk_rows, fcntl.LOCK_EX, False):
-            return True
-        self._unlock(self._PRESENCE + chunk_rows)
-        return False
-
-    def discard(self) -> None:
-        """Remove the lock file (call holding the finish lock, once the entry is complete: a job that
-        still waits on the old file then finds the entry complete; nothing is built any more)."""
-        self.file.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        """Release every lock of this process on the entry."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def _lock(self, offset: int, mode: int, block: bool) -> bool:
-        if self.fd is None:
-            return True
-        try:
-            fcntl.lockf(self.fd, mode if block else mode | fcntl.LOCK_NB, 1, offset)
-            return True
-        except OSError as err:
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            self._unsupported(err)
-            return True
-
-    def _unlock(self, offset: int) -> None:
-        if self.fd is not None:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
-            except OSError:
-                pass
-
-    def _unsupported(self, err: OSError) -> None:
-        if not EntryLock._warned:
-            EntryLock._warned = True
-            log.warning(
-                "feature cache: no file locks at %s (%s): jobs sharing this cache_dir may extract a "
-                "chunk twice; use a filesystem with locks (local disk, NFS with its lock manager)",
-                self.file.parent,
-                err,
+def publish(
+    key: dict, path: Path, build: Path, dtype: str, seconds: float, compute_reason: str
+) -> None:
+    """Write the manifest of the chunks in `build` (stored as `dtype`, float32 where they overflowed)
+    and rename it to `path`. Call holding the entry's finish lock."""
+    chunk_rows = int(build.name.rpartition("-")[2])
+    rows, count = key["rows"], math.ceil(key["rows"] / chunk_rows)
+    listed = list_chunks(build)
+    for names in listed.values():
+        for extra in sorted(names)[1:]:
+            (build / extra).unlink(missing_ok=True)  # a second copy (only without file locks)
+    missing = [i for i in range(count) if i not in listed]
+    if missing:
+        raise FeatureCacheError(
+            f"feature cache build {build} lacks chunks {missing[:5]} after extraction"
+        )
+    chunks = []
+    for i in range(count):
+        f = build / sorted(listed[i])[0]
+        array = np.load(f, mmap_mode="r", allow_pickle=False)  # reads the header only
+        expected = (min(chunk_rows, rows - i * chunk_rows), len(key["layers"]))
+        if array.shape[:2] != expected:
+            f.unlink(missing_ok=True)  # the next run extracts it again
+            raise FeatureCacheError(
+                f"chunk {f} is {array.shape}, expected {expected} + (d,): removed; run again"
             )
+        chunks.append(
+            {
+                "file": f.name,
+                "rows": int(array.shape[0]),
+                "dtype": str(array.dtype),
+                "bytes": f.stat().st_size,
+                "sha256": f.name.split(".")[1],
+            }
+        )
+        dim = int(array.shape[2])
+    wide = sum(c["dtype"] != dtype for c in chunks)
+    manifest = {
+        "key": key,
+        "layers": key["layers"],
+        "shape": [rows, len(key["layers"]), dim],
+        "dtype": "float32" if wide else dtype,
+        "float32_chunks": wide,
+        "rows": rows,
+        "chunk_rows": chunk_rows,
+        "chunks": chunks,
+        "build_seconds": seconds,
+        "compute_reason": compute_reason,
+    }
+    if wide:
+        log.info(
+            "feature cache entry %s is float32: %d of %d chunks overflow float16",
+            path,
+            wide,
+            count,
+        )
+    atomic_write(build / "manifest.json", json.dumps(manifest, indent=1), fsync=True)
+    if path.exists():  # a damaged entry that find() could not reclaim
+        reclaim(path, key)
+    os.rename(build, path)
+    fsync_dir(path.parent)
+
+
+def reclaim(path: Path, key: dict) -> None:
+    """Turn the damaged entry at `path` back into a build directory: its chunks are kept and verified
+    there (by their content hash) when the build resumes; a manifest from other inputs drops them. Call
+    holding the entry's finish lock."""
+    manifest = read_manifest(path)
+    chunk_rows = manifest.get("chunk_rows")
+    if manifest and manifest.get("key") != key:
+        shutil.rmtree(path, ignore_errors=True)  # built from other inputs: nothing to keep
+        return
+    if not isinstance(chunk_rows, int):  # manifest lost: the layout is in the chunk files
+        chunk_rows = chunk_layout(path, key["rows"])
+    if chunk_rows is None:
+        shutil.rmtree(path, ignore_errors=True)  # no readable chunk to keep
+        return
+    build = build_dir(path, chunk_rows)
+    (path / "manifest.json").unlink(missing_ok=True)
+    if not build.exists():
+        os.rename(path, build)
+        return
+    for names in list_chunks(path).values():
+        for name in names:
+            os.replace(path / name, build / name)
+    shutil.rmtree(path, ignore_errors=True)
