@@ -1,4 +1,4 @@
-"""`python -m layerfusion` / `layerfusion`: `models`, `report`, `reproduce`, `analyze`, `classify`, or a LightningCLI
+"""`python -m layerfusion` / `layerfusion`: `models`, `report`, `reproduce`, `analyze`, `classify`, `serve`, or a LightningCLI
 subcommand (fit, validate, test, predict)."""
 
 from __future__ import annotations
@@ -35,9 +35,13 @@ def main(argv: list[str] | None = None) -> None:
 
             sys.exit(analyze_main(args[1:]))
         if command == "classify":
-            from layerfusion.classifier import main as classify_main
+            from layerfusion.classify import main as classify_main
 
             sys.exit(classify_main(args[1:]))
+        if command == "serve":
+            from layerfusion.serve import main as serve_main
+
+            sys.exit(serve_main(args[1:]))
 
         from layerfusion.cli import cli_main
 

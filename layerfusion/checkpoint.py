@@ -21,11 +21,9 @@ CLASSIFIER_CONFIG = "classifier.json"
 
 
 def encoder_ids(encoders) -> dict[str, dict]:
-    """What identifies each encoder (`{key: FrozenEncoder}`) in a checkpoint: name, weight hash, depth."""
-    return {
-        k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
-        for k, e in encoders.items()
-    }
+    """What identifies each encoder (`{key: FrozenEncoder}`) in a checkpoint (`FrozenEncoder.identity`:
+    name, revision, weight and tokenizer hashes, max length, depth)."""
+    return {k: e.identity() for k, e in encoders.items()}
 
 
 def section(encoders, label_names: list[str], head: str, selection: dict[str, list[int]]) -> dict:

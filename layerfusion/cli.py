@@ -122,7 +122,7 @@ class LogConfigCallback(SaveConfigCallback):
 
 def cli_main(args=None) -> LayerFusionCLI:
     """Run the CLI (`args` None = sys.argv)."""
-    _log_to_stderr()
+    log_to_stderr()
     return LayerFusionCLI(
         LayerFusionModule,
         TextClassificationDataModule,
@@ -133,7 +133,58 @@ def cli_main(args=None) -> LayerFusionCLI:
     )
 
 
-def _log_to_stderr() -> None:
+def build_cli(
+    args: dict | list[str], cli_class: type[LayerFusionCLI] | None = None, **kwargs
+) -> LayerFusionCLI:
+    """A `LayerFusionCLI` (or `cli_class`) over `args` (a config dict or a command line), built but not
+    run (unless `run=True`), as `layerfusion fit` builds it; the process's own `sys.argv` is ignored.
+    `kwargs` go to the CLI (defaults: no saved config, no automatic optimizers)."""
+    import sys
+
+    kwargs = {
+        "run": False,
+        "save_config_callback": None,
+        "auto_configure_optimizers": False,
+        **kwargs,
+    }
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return (cli_class or LayerFusionCLI)(
+            LayerFusionModule, TextClassificationDataModule, args=args, **kwargs
+        )
+    finally:
+        sys.argv = argv
+
+
+class ParseOnlyCLI(LayerFusionCLI):
+    """Parses and validates a config; seeds nothing, instantiates nothing, runs nothing."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def resolved_config(cfg: dict) -> dict:
+    """The config dict `cfg` fully resolved by the parser (defaults filled in), nothing instantiated."""
+    cli = build_cli(cfg, ParseOnlyCLI)
+    return json.loads(cli.parser.dump(cli.config, skip_none=False, format="json"))
+
+
+def resolved_config_hash(cfg: dict) -> str:
+    """SHA-256 of the fully resolved config `cfg`, its logger excluded (a run's identity)."""
+    import hashlib
+
+    resolved = resolved_config(cfg)
+    resolved.get("trainer", {}).pop("logger", None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+
+def log_to_stderr() -> None:
     """Show layerfusion's INFO messages (extraction progress, cache hits) like Lightning's own."""
     logger = logging.getLogger("layerfusion")
     if not logger.handlers:

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from layerfusion.checkpoint import SECTION, encoder_ids, section
-from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, encoders_mismatch
 from layerfusion.errors import ConfigError
 from layerfusion.features.cache import (
     CHUNK_ROWS,
@@ -345,12 +345,12 @@ class LayerFusionModule(L.LightningModule):
             raise ConfigError(
                 "checkpoint has no 'layerfusion' section: it was not written by layerfusion"
             )
-        ours = self._encoder_ids()
-        if meta["encoders"] != ours:
+        problem = encoders_mismatch(meta["encoders"], self.encoders)
+        if problem:
             theirs = {k: v["name"] for k, v in meta["encoders"].items()}
-            mine = {k: v["name"] for k, v in ours.items()}
+            mine = {k: e.spec.name for k, e in self.encoders.items()}
             raise ConfigError(
-                f"checkpoint was trained on encoders {theirs}; this run has {mine} (or their weights differ)"
+                f"checkpoint was trained on encoders {theirs}; this run has {mine}: {problem}"
             )
         if meta["label_names"] != self.label_names:
             raise ConfigError(
@@ -393,5 +393,5 @@ class LayerFusionModule(L.LightningModule):
             )
 
     def _encoder_ids(self) -> dict[str, dict]:
-        """What identifies each encoder in a checkpoint: name, weight hash, depth."""
+        """What identifies each encoder in a checkpoint (`FrozenEncoder.identity`)."""
         return encoder_ids(self.encoders)

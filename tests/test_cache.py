@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import layerfusion.features.cache as cache_mod
+import layerfusion.features.entry as entry_mod
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
 from layerfusion.features.cache import FeatureCache, FeatureCacheError, token_batches
 
@@ -153,7 +154,8 @@ def test_reader_refuses_a_lone_surrogate_naming_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "manifest", "no_manifest"])
 def test_damaged_entry_is_detected_and_rebuilt(tmp_path, encoder, caplog, damage):
-    """A chunk cut short or gone: only that chunk is extracted again; a broken manifest: all of it."""
+    """A chunk cut short or gone: only that chunk is extracted again; a broken or missing manifest: none
+    (the chunks verify by their content hash)."""
     cache = FeatureCache(tmp_path, "float32", chunk_rows=6)
     good = cache.load_or_build(encoder, TEXTS, "train")[:]
     entry = cache.entry_dir(cache.key(encoder, TEXTS, "train"))
@@ -177,8 +179,12 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, encoder, caplog, damage
             in caplog.text
         )
         assert "extracted bert/train: 6 rows" in caplog.text
-    else:
-        assert "extracted bert/train: 23 rows" in caplog.text
+    else:  # the chunks verify by their content hash: kept, none extracted again
+        assert (
+            "resuming bert/train: 4 chunks already built (verified), 0 of 4 to extract"
+            in caplog.text
+        )
+        assert "extracted bert/train" not in caplog.text
 
 
 def test_a_chunk_changed_on_disk_fails_its_read_then_only_it_is_rebuilt(tmp_path, encoder, caplog):
@@ -190,7 +196,7 @@ def test_a_chunk_changed_on_disk_fails_its_read_then_only_it_is_rebuilt(tmp_path
     data = bytearray(chunk.read_bytes())
     data[-5] ^= 0xFF  # same size: the cheap check at open passes
     chunk.write_bytes(bytes(data))
-    cache_mod._VERIFIED.clear()  # as in a new process
+    entry_mod._VERIFIED.clear()  # as in a new process
     feats = cache.load_or_build(encoder, TEXTS, "train")
     assert cache.last_build_seconds == 0.0
     assert torch.equal(feats[[0, 7]], good[[0, 7]])  # chunks 0 and 1 verify
@@ -208,10 +214,10 @@ def test_a_chunk_changed_on_disk_fails_its_read_then_only_it_is_rebuilt(tmp_path
 def test_checksums_are_read_once_per_process(tmp_path, encoder, monkeypatch):
     cache = FeatureCache(tmp_path, "float32", chunk_rows=6)
     cache.load_or_build(encoder, TEXTS, "train")
-    cache_mod._VERIFIED.clear()
+    entry_mod._VERIFIED.clear()
     hashed = []
-    real = cache_mod.file_sha256
-    monkeypatch.setattr(cache_mod, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = entry_mod.file_sha256
+    monkeypatch.setattr(entry_mod, "file_sha256", lambda p: hashed.append(p) or real(p))
     for _ in range(3):
         cache.load_or_build(encoder, TEXTS, "train")[:]
     assert len(hashed) == 4  # each of the 4 chunks once

@@ -45,7 +45,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     assert best.is_file() and best.stat().st_size < 5e6
     ckpt = torch.load(best, weights_only=True)
     assert all(k.startswith("head.") for k in ckpt["state_dict"])
-    assert ckpt["layerfusion"]["label_names"] == ["0", "1"]
+    assert ckpt["layerfusion"]["label_names"] == ["negative", "positive"]  # sst2: readable names
     best_val = max(
         v["best_model_score"].item()
         for k, v in ckpt["callbacks"].items()
@@ -70,7 +70,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     assert 0.6 < test_acc <= 1.0
     assert records["test"][1]["history"]["test_acc"] == [pytest.approx(test_acc, abs=1e-6)]
     fit_dir, record = records["fit"]
-    assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_0" in record["history"]
+    assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_negative" in record["history"]
     assert record["config"]["config"]["model"]["head"] == "gated"  # the full resolved config
     assert "resources/train_s" in record["history"] and "resources/extract_s" in record["history"]
     assert list((fit_dir / "files" / "media" / "images" / "val").glob("confusion_matrix*.png"))
@@ -110,7 +110,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     # the Python API on the same checkpoint: encoders online, selected layers only, no Trainer
     from layerfusion import Classifier
 
-    mine = Classifier.from_checkpoint(best, device="cpu").predict([r["text"] for r in rows])
+    mine = Classifier.from_checkpoint(best, device="cpu").predict_dicts([r["text"] for r in rows])
     assert [m["label"] for m in mine] == [r["label"] for r in rows]  # row for row
     for m, r in zip(mine, rows, strict=True):
         assert m["probs"] == pytest.approx(r["probs"], abs=1e-5)
@@ -146,7 +146,7 @@ def test_without_a_logger_the_run_files_are_still_written_and_reported(
         "resources.json",
     ):
         assert (out / name).is_file(), name
-    assert "val_f1_1" in (out / "metrics_val.csv").read_text()
+    assert "val_f1_positive" in (out / "metrics_val.csv").read_text()  # sst2: named labels
     best = out / "checkpoints" / "best.ckpt"  # ModelCheckpoint's dirpath is set in the config
     cli_main(["test", *no_logger, "--ckpt_path", str(best)])
     assert not (out / "wandb").exists()

@@ -92,13 +92,18 @@ def test_hooks_removed_on_close(tiny_models):
     assert not enc.taps.active
 
 
-def test_taps_ignore_forward_without_start(tiny_models):
+def test_taps_ignore_forward_outside_a_recording(tiny_models):
     enc = _encoder(tiny_models["bert"])
     batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        enc.model(**batch)  # a plain forward, taps not armed
+        out = enc.model(
+            **batch, output_hidden_states=True
+        )  # a plain forward: no recording, no stop
+    assert len(out.hidden_states) == enc.num_layers
+    with enc.taps.record(batch["attention_mask"], depth=0) as recording:
+        pass
     with pytest.raises(RuntimeError, match="did not fire"):
-        enc.taps.stack()
+        recording.stack()
 
 
 def test_max_length_is_clamped_with_a_warning(tiny_models, caplog):
@@ -173,8 +178,7 @@ def test_early_exit_runs_no_block_above_depth_and_keeps_layers_exact(tiny_models
         part = enc(ids, mask, depth=depth)
         assert part.shape == (len(TEXTS), depth + 1, enc.hidden_size)
         assert torch.equal(part, full[:, : depth + 1]), f"layers 0..{depth} differ from a full pass"
-        ran = max(depth, 1)  # layer 0 alone still runs block 0 (DeBERTa needs one block)
-        assert calls == [1] * ran + [0] * (len(blocks) - ran), calls
+        assert calls == [1] * depth + [0] * (len(blocks) - depth), calls
     for h in handles:
         h.remove()
     assert enc.model.get_submodule(ARCHITECTURES[enc.model.config.model_type][1]) is blocks
@@ -310,3 +314,74 @@ def test_mpnet_attention_runs_through_sdpa_with_eager_results(tiny_models):
     assert len(out.attentions) == 2 and out.attentions[0].shape[-1] == ids.shape[1]
     clone = pickle.loads(pickle.dumps(enc))
     torch.testing.assert_close(clone(ids, mask), fast)
+
+
+def test_early_exit_under_fsdp_stops_outside_every_unit(tiny_models, tmp_path):
+    """Taps registered before FSDP wraps each block: the same layers, and the early exit ends the pass
+    between units, never inside one (a unit left mid-forward keeps its parameters gathered). One process
+    (FSDP runs NO_SHARD there); the unit states are what FSDP itself tracks."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from layerfusion.encoders.frozen import blocks_of
+
+    enc = _encoder(tiny_models["bert"])
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    depths = (1, 2, 0, 1)
+    expected = [enc(batch["input_ids"], batch["attention_mask"], depth=d) for d in depths]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
+    try:
+        with pytest.warns(UserWarning, match="switching to use `NO_SHARD`"):
+            wrapped = FSDP(
+                enc,
+                auto_wrap_policy=ModuleWrapPolicy({type(blocks_of(enc.model)[0])}),
+                device_id=torch.device("cpu"),
+                use_orig_params=True,
+            )
+        for depth, want in zip(depths, expected):
+            got = wrapped(batch["input_ids"], batch["attention_mask"], depth=depth)
+            assert torch.equal(got, want), depth
+            states = [m.training_state.name for m in wrapped.modules() if isinstance(m, FSDP)]
+            assert states == ["IDLE"] * 3, f"depth {depth}: FSDP units {states}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_taps_run_in_a_compiled_model_registered_before_compiling(tiny_models):
+    """`torch.compile` after the taps are registered (the documented order): the same layers, early exit
+    included (the hooks run eagerly: a context variable cannot be traced)."""
+    from layerfusion.encoders.frozen import blocks_of
+
+    enc = _encoder(tiny_models["bert"])
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    expected = [enc(batch["input_ids"], batch["attention_mask"], depth=d) for d in (2, 1)]
+    for block in blocks_of(enc.model):  # each block compiled in place, its hooks with it
+        block.compile(backend="eager")
+    try:
+        for depth, want in zip((2, 1), expected):
+            got = enc(batch["input_ids"], batch["attention_mask"], depth=depth)
+            assert torch.equal(got, want), depth
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_one_tokenize_and_batched_forward_equal_the_paths_they_replace(tiny_models, arch):
+    """`encoders.forward`: `tokenize` gives what the tokenizer's own padded call gives, and
+    `forward_batches` what the cache's extraction gives, bit for bit (same batches, same layers)."""
+    from layerfusion.encoders import forward
+    from layerfusion.features import extraction
+
+    enc = _encoder(tiny_models[arch], "last" if arch == "gpt2" else "mean", max_length=12)
+    texts = [*TEXTS, "", "x " * 40]
+    ours = enc.tokenize(texts)
+    theirs = enc.tokenizer(texts, truncation=True, max_length=12, padding=True, return_tensors="pt")
+    assert ours.keys() == {"input_ids", "attention_mask"}
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    args = (enc, texts, [0, 2], "cpu", 40, 3)
+    new, old = list(forward.forward_batches(*args)), list(extraction.forward_batches(*args))
+    assert [rows for rows, _ in new] == [rows for rows, _ in old] and len(new) > 1
+    for (_, a), (_, b) in zip(new, old):
+        assert torch.equal(a, b)

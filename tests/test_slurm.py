@@ -48,7 +48,12 @@ def _run(tmp_path: Path, *args: str) -> list[str]:
         "SLURM_JOB_ID": "123",
     }
     proc = subprocess.run(
-        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        ["bash", str(SCRIPT), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     cwd, threads, *argv = record.read_text().splitlines()
@@ -77,7 +82,10 @@ def test_sbatch_script_runs_from_a_fresh_clone_and_stops_every_rank_on_a_failure
     assert argv[0] == "--kill-on-bad-exit=1"
     assert f"--cpus-per-task={d['--cpus-per-task']}" in argv[: argv.index("python")]
     cli = argv[argv.index("python") :]
-    assert cli[:5] == ["python", "-m", "layerfusion", "fit", "--config"] and cli[5] == "configs/sst2.yaml"
+    assert (
+        cli[:5] == ["python", "-m", "layerfusion", "fit", "--config"]
+        and cli[5] == "configs/sst2.yaml"
+    )
     assert _value(cli, "--trainer") == "configs/trainer/slurm.yaml"
     assert _value(cli, "--trainer.num_nodes") == d["--nodes"]
     assert _value(cli, "--trainer.devices") == d["--ntasks-per-node"]
@@ -92,5 +100,7 @@ def _value(argv: list[str], flag: str) -> str:
 
 def _tracked(path: Path) -> bool:
     """Whether `path` (a file or directory relative to the repository) is in git, i.e. in a fresh clone."""
-    out = subprocess.run(["git", "ls-files", "--", str(path)], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "ls-files", "--", str(path)], cwd=REPO, capture_output=True, text=True
+    )
     return bool(out.stdout.strip())
