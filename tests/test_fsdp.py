@@ -190,9 +190,9 @@ def test_fsdp_on_two_cpu_ranks_fit_test_predict_match_one_process(
     from layerfusion import Classifier
 
     clf = Classifier.from_checkpoint(best)
-    probs = clf.predict([r["text"] for r in one_rows[:3]])
-    for got, want in zip(probs, one_rows[:3], strict=True):
-        assert list(got["probs"].values()) == pytest.approx(list(want["probs"].values()), abs=1e-4)
+    probs = clf.predict_proba([r["text"] for r in one_rows[:3]])
+    for got, want in zip(probs.tolist(), one_rows[:3], strict=True):
+        assert got == pytest.approx([want["probs"][c] for c in clf.label_names], abs=1e-4)
 
 
 def _encoders(cfg: Path) -> list:
