@@ -159,9 +159,13 @@ def models_main(args: list[str]) -> int:
 
     from layerfusion.encoders.offline import main as offline_main
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # no second line per model
-
-    return offline_main(args, prog="layerfusion models")
+    quiet = logging.getLogger("layerfusion.encoders.offline")  # no second line per model
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return offline_main(args, prog="layerfusion models")
+    finally:
+        quiet.setLevel(level)
 
 
 def list_main(args: list[str]) -> int:

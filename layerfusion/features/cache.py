@@ -275,6 +275,18 @@ class FeatureCache:
                 f"not enough disk space for feature cache entry {path}: it needs {needed / 2**20:,.0f} MiB, "
                 f"{free / 2**20:,.0f} MiB are free there; free space or set model.cache_dir elsewhere"
             )
+        log.info(  # the cache sizing rule, before the work starts: rows x layers x hidden x bytes
+            "extracting %s/%s: %d rows x %d layers x %d hidden x %d bytes (%s) = %.1f MiB -> %s",
+            key["encoder"],
+            key["split"],
+            missing,
+            width,
+            dim,
+            np.dtype(self.dtype).itemsize,
+            self.dtype,
+            needed / 2**20,
+            path.parent,
+        )
         return ("build", chunk_rows, sorted(present))
 
     def _extract_chunks(
