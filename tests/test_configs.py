@@ -265,3 +265,15 @@ def test_llm_config_fits_a_tiny_qwen3(tmp_path, shared_data, minilm_dir, caplog)
     assert dtypes[str(qwen)] == "torch.bfloat16"
     before = [r.getMessage() for r in caplog.records if r.getMessage().startswith("extracting ")]
     assert any(" layers x 32 hidden x 2 bytes (float16) = " in m for m in before), before
+
+
+def test_config_reference_is_current():
+    """docs/config.md is what scripts/config_reference.py writes from today's docstrings."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_reference", REPO / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (REPO / "docs" / "config.md").read_text()
+    assert committed == module.render(), "docs/config.md is out of date: run python scripts/config_reference.py"
+    assert "| `train_path` |" in committed and "## callbacks: LayerSelection" in committed
