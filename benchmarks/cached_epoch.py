@@ -43,6 +43,11 @@ def bench_cached_epoch(sizes: Sizes, device: str, workdir: Path) -> dict:
             f"cached epoch: warm-up {mode} ({'cache built, ' if mode == 'cached' else ''}{seconds:.1f}s)"
         )
     fits: dict[str, list[dict]] = {"online": [], "cached": []}
+    # encoder forward passes during the timed epochs: none may run on a warm cache
+    forwards = {"online": 0, "cached": 0}
+    for mode, (module, _) in setups.items():
+        for encoder in module.encoders.values():
+            encoder.register_forward_pre_hook(partial(_count, forwards, mode))
 
     def epoch(mode: str) -> float:
         timing = fit_one_epoch(*setups[mode], device)
@@ -58,6 +63,7 @@ def bench_cached_epoch(sizes: Sizes, device: str, workdir: Path) -> dict:
         "cached_epoch_speedup": median(ratios),
         "cached_fit_speedup": median(fit_ratios),
         "raw": {
+            "encoder_forwards": forwards,
             "fit_round_ratios": fit_ratios,
             "models": [s.key for s in specs],
             "train_texts": sizes.epoch_texts,
@@ -93,6 +99,10 @@ def fit_one_epoch(
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return {"fit": time.perf_counter() - start, "epoch": timer.seconds}
+
+
+def _count(counts: dict[str, int], mode: str, *_) -> None:
+    counts[mode] += 1
 
 
 class EpochTimer(L.Callback):

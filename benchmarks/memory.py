@@ -66,7 +66,7 @@ def bench_hidden_states_memory(sizes: Sizes, device: str, threads: int) -> dict:
 
 def long_documents(model: str, n: int, length: int) -> list[str]:
     """A seeded sample of `n` R8 training documents that have at least `length` tokens."""
-    from layerfusion.data.jsonl import read_jsonl
+    from layerfusion.data.readers import read_jsonl
     from layerfusion.encoders.frozen import EncoderSpec, load_tokenizer
 
     texts = read_jsonl(data_dir() / "r8" / "train.jsonl").texts

@@ -115,8 +115,10 @@ def test_quick_benchmarks_compute_what_they_claim(results: dict) -> None:
     assert results["bf16_probe_max_diff_points"] >= 0
     # SDPA with the relative position bias as a float mask computes MPNet's eager attention
     assert results["mpnet_sdpa_max_abs_diff"] < 1e-4
-    # cached features beat running the encoders every step, for the epoch and for the whole fit
-    assert results["cached_epoch_speedup"] > 1 and results["cached_fit_speedup"] > 1
+    # a warm cache runs no encoder during training; online runs them every step (the speedups are
+    # wall-clock ratios: reported, not asserted, since a shared machine's load can invert them)
+    forwards = raw["cached_epoch"]["encoder_forwards"]
+    assert forwards["cached"] == 0 and forwards["online"] > 0, forwards
     # a selected-layer entry (extracted with early exit) holds the all-layer entry's slice exactly,
     # in less space; every token-budget batch of the RSS runs fits its budget
     scale = raw["scale"]

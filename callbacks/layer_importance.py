@@ -12,11 +12,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from layerfusion.callbacks.tracking import log_image, log_metrics, log_table
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from layerfusion import plots
 from layerfusion.errors import ConfigError
+from layerfusion.files import write_json
 from layerfusion.importance import (
     COLUMNS,
     LayerScore,
@@ -27,11 +29,11 @@ from layerfusion.importance import (
     grad_norm_sums,
     mark_selected,
     probe_accuracy,
+    standardise,
     write_table,
 )
 from layerfusion.importance.scores import __doc__ as SCORE_FORMULA
 from layerfusion.importance.scores import jsonable, row_from_dict
-from layerfusion.tracking import log_image, log_metrics, log_table, write_json
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # 2: scored on samples of train and dev
@@ -233,14 +235,11 @@ class LayerImportance(Callback):
         num_classes = len(pl_module.label_names)
         # z-score each (layer, dim) with the train sample's statistics; out of place: the features may be
         # the cache's own tensors (float32 cache on the CPU), which the module may read afterwards
-        train = {e: _rows(x).to(device, torch.float32) for e, x in feats["train"].items()}
-        mean = {e: x.mean(0, keepdim=True) for e, x in train.items()}
-        std = {e: x.std(0, keepdim=True).clamp_min(1e-6) for e, x in train.items()}
-        train = {e: (x - mean[e]) / std[e] for e, x in train.items()}
-        dev = {
-            e: (_rows(x).to(device, torch.float32) - mean[e]) / std[e]
-            for e, x in feats["val"].items()
-        }
+        train, dev = {}, {}
+        for e, x in feats["train"].items():
+            train[e], dev[e] = standardise(
+                _rows(x).to(device, torch.float32), _rows(feats["val"][e]).to(device, torch.float32)
+            )
         del feats
         rank, world = trainer.global_rank, trainer.world_size
 

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from layerfusion.files import owner_tag, remove_dead_leftovers, remove_temp_leftovers, temp_path
+
 
 class PredictionWriter(BasePredictionWriter):
     """Write one JSON object per predicted row to `path`, in input row order, as batches complete.
@@ -52,12 +54,17 @@ class PredictionWriter(BasePredictionWriter):
         self._names = list(pl_module.label_names)
         self._last, self._problem = -1, None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero:  # what killed runs of this host left
+            remove_temp_leftovers(self.path)
+            remove_dead_leftovers(self.path.parent, _parts_prefix(self.path))
         if trainer.world_size == 1:
             self._parts = None
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        else:  # one directory for this run's parts, named by rank 0
-            run = trainer.strategy.broadcast(uuid.uuid4().hex[:16], src=0)
-            self._parts = self.path.with_name(f".{self.path.name}.parts-{run}")
+            tmp = temp_path(self.path)
+        else:  # one directory for this run's parts, named by rank 0 (its owner, for leftovers cleanup)
+            run = trainer.strategy.broadcast(
+                f"{_parts_prefix(self.path)}{os.getpid()}-{uuid.uuid4().hex[:16]}", src=0
+            )
+            self._parts = self.path.with_name(run)
             self._parts.mkdir(exist_ok=True)
             tmp = self._parts / f"rank{trainer.global_rank}.jsonl"
         self._out = open(tmp, "w", encoding="utf-8")
@@ -134,7 +141,7 @@ class PredictionWriter(BasePredictionWriter):
                 f"PredictionWriter: no part file {missing} of another rank in {self._parts}: under DDP "
                 f"{self.path.parent} must be on a filesystem every rank sees"
             )
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp = temp_path(self.path)
         handles = [open(p, encoding="utf-8") for p in parts]
         try:
             with open(tmp, "w", encoding="utf-8") as out:
@@ -172,3 +179,8 @@ class PredictionWriter(BasePredictionWriter):
 
 def _row_number(line: str) -> int:
     return int(line.partition("\t")[0])
+
+
+def _parts_prefix(path: Path) -> str:
+    """The name prefix of this host's DDP part directories for `path`."""
+    return f".{path.name}.parts-{owner_tag()}-"

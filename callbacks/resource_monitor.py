@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 
 import lightning as L
 import torch
+from layerfusion.callbacks.tracking import log_metrics, run_dir
 from typing_extensions import override
 
-from layerfusion.memory import proc_status_bytes, reset_peak_rss
-from layerfusion.tracking import log_metrics, run_dir, write_json
+from layerfusion.files import write_json
+from layerfusion.memory import peak_memory_mb
 
 
 class ResourceMonitor(L.Callback):
@@ -116,24 +115,6 @@ class ResourceMonitor(L.Callback):
 def _extract_seconds(pl_module) -> float:
     """Seconds the module has spent extracting features so far (all splits)."""
     return float(sum(getattr(pl_module, "extract_seconds", {}).values()))
-
-
-def peak_memory_mb() -> float:
-    """Peak CUDA memory allocated (GPU) or peak RSS of this process (CPU), in MB."""
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    hwm = proc_status_bytes("VmHWM")  # Linux: honours a reset by `reset_peak_memory`
-    if hwm is not None:
-        return hwm / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak: CUDA peak stats, and on Linux the process's peak RSS (`/proc/self/clear_refs`)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()  # not Linux: the peak stays the process's lifetime peak
 
 
 def _read(path) -> dict:

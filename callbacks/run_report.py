@@ -5,18 +5,11 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
+from layerfusion.callbacks.tracking import gather_rows, log_image, log_metrics, log_table, run_dir
 from typing_extensions import override
 
 from layerfusion import plots
-from layerfusion.tracking import (
-    gather_rows,
-    log_image,
-    log_metrics,
-    log_table,
-    run_dir,
-    write_csv,
-    write_json,
-)
+from layerfusion.files import write_csv, write_json
 
 
 class RunReport(L.Callback):

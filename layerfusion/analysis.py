@@ -36,7 +36,7 @@ SPLITS = ("val", "test")
 
 def write_predictions(path: Path, index, pred, gold) -> Path:
     """Write `index,pred,gold` rows (sorted by row index) as CSV, atomically."""
-    from layerfusion.tracking import write_csv
+    from layerfusion.files import write_csv
 
     rows = sorted(zip(map(int, index), map(int, pred), map(int, gold)))
     return write_csv(path, [{"index": i, "pred": p, "gold": g} for i, p, g in rows])
@@ -169,7 +169,7 @@ def cka_table(
 def write_cka(labels: list[str], matrix: np.ndarray, csv_path: Path, png_path: Path, title: str):
     """The CKA matrix as a long CSV (`a,b,cka`) and a heatmap PNG."""
     from layerfusion import plots
-    from layerfusion.tracking import write_csv
+    from layerfusion.files import write_csv
 
     rows = [
         {"a": a, "b": b, "cka": None if math.isnan(matrix[i, j]) else round(float(matrix[i, j]), 6)}
@@ -214,7 +214,7 @@ def log_wandb(
 
 def analyze(run_dirs: list[Path], out: Path, logger: str = "none") -> list[Path]:
     """Agreement, significance and CKA of run directories; returns the files written."""
-    from layerfusion.tracking import write_csv
+    from layerfusion.files import write_csv
 
     runs = [_load_run(d) for d in run_dirs]
     if len(runs) < 2:

@@ -36,8 +36,10 @@ class LayerFusionCLI(LightningCLI):
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then check `--ckpt_path` before Lightning reads it (for its hyperparameters) and before
-        any encoder loads: a missing, foreign or broken file is one clear error."""
+        """Parse, then check `--ckpt_path` before Lightning merges its hyperparameters over the config and
+        before any encoder loads: a missing, foreign or broken file is one clear error, and so is a
+        checkpoint whose encoders differ from the config's on `name` or `trust_remote_code` (Lightning's
+        merge would otherwise let a checkpoint load other models or turn remote code on)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else self.config
@@ -45,7 +47,8 @@ class LayerFusionCLI(LightningCLI):
         if ckpt and ckpt not in SPECIAL_CKPT_PATHS and "://" not in str(ckpt):
             from layerfusion.classifier import read_checkpoint
 
-            read_checkpoint(ckpt)
+            checkpoint = read_checkpoint(ckpt)
+            check_checkpoint_encoders(checkpoint, config.get("model"), ckpt)
 
     def before_instantiate_classes(self) -> None:
         """`${trainer.default_root_dir}` in any path of the config names the run directory."""
@@ -59,6 +62,39 @@ class LayerFusionCLI(LightningCLI):
             super().instantiate_classes()
         for logger in self.trainer.loggers:
             _prepare_wandb(logger)
+
+
+def check_checkpoint_encoders(checkpoint: dict, model_config, path) -> None:
+    """Refuse a checkpoint whose encoders differ from the config's on `name` or `trust_remote_code`."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("encoders")
+    if saved is None or model_config is None:
+        return
+    configured = [_as_dict(e) for e in (model_config.get("encoders") or [])]
+    saved = [_as_dict(e) for e in saved]
+    if len(saved) != len(configured):
+        raise ConfigError(
+            f"checkpoint {path} was trained with {len(saved)} encoder(s) "
+            f"{[e.get('name') for e in saved]}; the config has {len(configured)} "
+            f"{[e.get('name') for e in configured]}"
+        )
+    for i, (theirs, ours) in enumerate(zip(saved, configured)):
+        for field in ("name", "trust_remote_code"):
+            default = False if field == "trust_remote_code" else None
+            if theirs.get(field, default) != ours.get(field, default):
+                raise ConfigError(
+                    f"checkpoint {path} has model.encoders[{i}].{field}={theirs.get(field, default)!r}; "
+                    f"the config has {ours.get(field, default)!r}. Lightning would load the checkpoint's "
+                    f"value over yours: set it in your config if you mean it"
+                )
+
+
+def _as_dict(value) -> dict:
+    """An encoder entry (dict, jsonargparse Namespace or EncoderSpec) as a plain dict."""
+    if isinstance(value, dict):
+        return value
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return dict(vars(value))
 
 
 class LayerFusionArgumentParser(LightningArgumentParser):
@@ -93,7 +129,7 @@ class LogConfigCallback(SaveConfigCallback):
 
 def cli_main(args=None) -> LayerFusionCLI:
     """Run the CLI (`args` None = sys.argv)."""
-    _log_to_stderr()
+    log_to_stderr()
     return LayerFusionCLI(
         LayerFusionModule,
         TextClassificationDataModule,
@@ -104,7 +140,58 @@ def cli_main(args=None) -> LayerFusionCLI:
     )
 
 
-def _log_to_stderr() -> None:
+def build_cli(
+    args: dict | list[str], cli_class: type[LayerFusionCLI] | None = None, **kwargs
+) -> LayerFusionCLI:
+    """A `LayerFusionCLI` (or `cli_class`) over `args` (a config dict or a command line), built but not
+    run (unless `run=True`), as `layerfusion fit` builds it; the process's own `sys.argv` is ignored.
+    `kwargs` go to the CLI (defaults: no saved config, no automatic optimizers)."""
+    import sys
+
+    kwargs = {
+        "run": False,
+        "save_config_callback": None,
+        "auto_configure_optimizers": False,
+        **kwargs,
+    }
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return (cli_class or LayerFusionCLI)(
+            LayerFusionModule, TextClassificationDataModule, args=args, **kwargs
+        )
+    finally:
+        sys.argv = argv
+
+
+class ParseOnlyCLI(LayerFusionCLI):
+    """Parses and validates a config; seeds nothing, instantiates nothing, runs nothing."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def resolved_config(cfg: dict) -> dict:
+    """The config dict `cfg` fully resolved by the parser (defaults filled in), nothing instantiated."""
+    cli = build_cli(cfg, ParseOnlyCLI)
+    return json.loads(cli.parser.dump(cli.config, skip_none=False, format="json"))
+
+
+def resolved_config_hash(cfg: dict) -> str:
+    """SHA-256 of the fully resolved config `cfg`, its logger excluded (a run's identity)."""
+    import hashlib
+
+    resolved = resolved_config(cfg)
+    resolved.get("trainer", {}).pop("logger", None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+
+
+def log_to_stderr() -> None:
     """Show layerfusion's INFO messages (extraction progress, cache hits) like Lightning's own."""
     logger = logging.getLogger("layerfusion")
     if not logger.handlers:

@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, encoders_mismatch
 from layerfusion.errors import ConfigError
 from layerfusion.features.cache import (
     CHUNK_ROWS,
@@ -282,6 +282,22 @@ class LayerFusionModule(L.LightningModule):
 
     # -- checkpoints: head only ------------------------------------------------------------------
 
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path, *args, trust_remote_code: bool = False, **kwargs
+    ) -> LayerFusionModule:
+        """Lightning's `load_from_checkpoint`, except that the checkpoint's own `trust_remote_code`
+        never counts: only this argument (or `encoders` passed here) can let a model run its code."""
+        if "encoders" not in kwargs:
+            from layerfusion.classifier import read_checkpoint
+
+            hparams = read_checkpoint(checkpoint_path).get("hyper_parameters") or {}
+            kwargs["encoders"] = [
+                {**dict(e), "trust_remote_code": trust_remote_code}
+                for e in hparams.get("encoders") or []
+            ]
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Only the head's weights: encoders are frozen and identified by their hash instead."""
         return self.head.state_dict(
@@ -320,12 +336,12 @@ class LayerFusionModule(L.LightningModule):
             raise ConfigError(
                 "checkpoint has no 'layerfusion' section: it was not written by layerfusion"
             )
-        ours = self._encoder_ids()
-        if meta["encoders"] != ours:
+        problem = encoders_mismatch(meta["encoders"], self.encoders)
+        if problem:
             theirs = {k: v["name"] for k, v in meta["encoders"].items()}
-            mine = {k: v["name"] for k, v in ours.items()}
+            mine = {k: e.spec.name for k, e in self.encoders.items()}
             raise ConfigError(
-                f"checkpoint was trained on encoders {theirs}; this run has {mine} (or their weights differ)"
+                f"checkpoint was trained on encoders {theirs}; this run has {mine}: {problem}"
             )
         if meta["label_names"] != self.label_names:
             raise ConfigError(
@@ -368,8 +384,5 @@ class LayerFusionModule(L.LightningModule):
             )
 
     def _encoder_ids(self) -> dict[str, dict]:
-        """What identifies each encoder in a checkpoint: name, weight hash, depth."""
-        return {
-            k: {"name": e.spec.name, "weights_sha256": e.fingerprint(), "layers": e.num_layers}
-            for k, e in self.encoders.items()
-        }
+        """What identifies each encoder in a checkpoint (`FrozenEncoder.identity`)."""
+        return {k: e.identity() for k, e in self.encoders.items()}

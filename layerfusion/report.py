@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from layerfusion import plots
-from layerfusion.tracking import write_csv
+from layerfusion.errors import LayerFusionError
+from layerfusion.files import write_csv
 
 COLUMNS = [
     "run",
@@ -23,14 +24,20 @@ COLUMNS = [
 ]
 
 
+class ReportError(LayerFusionError, FileNotFoundError):
+    """A directory given to `report` holds no finished run (or its files are not readable)."""
+
+
 def collect(run_dirs: list[Path]) -> list[dict]:
     """One row per run directory that has `run.json` and `metrics_test.json` (written by RunReport)."""
     rows = []
     for d in run_dirs:
         run, metrics = _load(d / "run.json"), _load(d / "metrics_test.json")
         if run is None or metrics is None:
-            raise FileNotFoundError(
-                f"{d}: no run.json / metrics_test.json; run `fit` then `test` with the RunReport callback"
+            what = "no such directory" if not d.is_dir() else "no run.json / metrics_test.json"
+            raise ReportError(
+                f"{d}: {what}; give run directories (trainer.default_root_dir) of runs that did `fit` then "
+                "`test` with the RunReport callback"
             )
         res = _load(d / "resources.json") or {}
         fit = res.get("fit", {})
@@ -87,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 def _load(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: not readable as JSON ({err})") from None
 
 
 def _fmt(v) -> str:

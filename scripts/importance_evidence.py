@@ -121,19 +121,15 @@ def variant(
 def run(config: Path, label: str) -> dict:
     """fit, then validate and test the best checkpoint; accuracies, selection, table and timings."""
     from layerfusion.callbacks import LayerImportance
+    from lightning.pytorch.cli import SaveConfigCallback
 
-    from layerfusion.cli import LayerFusionCLI, _log_to_stderr
-    from layerfusion.data.datamodule import TextClassificationDataModule
-    from layerfusion.module import LayerFusionModule
+    from layerfusion.cli import build_cli, log_to_stderr
 
-    _log_to_stderr()
-    cli = LayerFusionCLI(
-        LayerFusionModule,
-        TextClassificationDataModule,
-        args=["--config", str(config)],
-        run=False,
+    log_to_stderr()
+    cli = build_cli(
+        ["--config", str(config)],
+        save_config_callback=SaveConfigCallback,
         save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
     )
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     start = time.perf_counter()

@@ -61,9 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from layerfusion.cli import _log_to_stderr
+    from layerfusion.cli import log_to_stderr
 
-    _log_to_stderr()
+    log_to_stderr()
     name = args.name or Path(args.config).stem
     cfg = yaml.safe_load(Path(args.config).read_text())
     specs = cfg["model"]["encoders"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import layerfusion.features.cache as cache_mod
+import layerfusion.features.entry as entry_mod
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
 from layerfusion.features.cache import FeatureCache, FeatureCacheError, token_batches
 
@@ -190,7 +191,7 @@ def test_a_chunk_changed_on_disk_fails_its_read_then_only_it_is_rebuilt(tmp_path
     data = bytearray(chunk.read_bytes())
     data[-5] ^= 0xFF  # same size: the cheap check at open passes
     chunk.write_bytes(bytes(data))
-    cache_mod._VERIFIED.clear()  # as in a new process
+    entry_mod._VERIFIED.clear()  # as in a new process
     feats = cache.load_or_build(encoder, TEXTS, "train")
     assert cache.last_build_seconds == 0.0
     assert torch.equal(feats[[0, 7]], good[[0, 7]])  # chunks 0 and 1 verify
@@ -208,10 +209,10 @@ def test_a_chunk_changed_on_disk_fails_its_read_then_only_it_is_rebuilt(tmp_path
 def test_checksums_are_read_once_per_process(tmp_path, encoder, monkeypatch):
     cache = FeatureCache(tmp_path, "float32", chunk_rows=6)
     cache.load_or_build(encoder, TEXTS, "train")
-    cache_mod._VERIFIED.clear()
+    entry_mod._VERIFIED.clear()
     hashed = []
-    real = cache_mod.file_sha256
-    monkeypatch.setattr(cache_mod, "file_sha256", lambda p: hashed.append(p) or real(p))
+    real = entry_mod.file_sha256
+    monkeypatch.setattr(entry_mod, "file_sha256", lambda p: hashed.append(p) or real(p))
     for _ in range(3):
         cache.load_or_build(encoder, TEXTS, "train")[:]
     assert len(hashed) == 4  # each of the 4 chunks once

@@ -45,7 +45,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     assert best.is_file() and best.stat().st_size < 5e6
     ckpt = torch.load(best, weights_only=True)
     assert all(k.startswith("head.") for k in ckpt["state_dict"])
-    assert ckpt["layerfusion"]["label_names"] == ["0", "1"]
+    assert ckpt["layerfusion"]["label_names"] == ["negative", "positive"]  # sst2: readable names
     best_val = max(
         v["best_model_score"].item()
         for k, v in ckpt["callbacks"].items()
@@ -110,7 +110,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     # the Python API on the same checkpoint: encoders online, selected layers only, no Trainer
     from layerfusion import Classifier
 
-    mine = Classifier.from_checkpoint(best, device="cpu").predict([r["text"] for r in rows])
+    mine = Classifier.from_checkpoint(best, device="cpu").predict_dicts([r["text"] for r in rows])
     assert [m["label"] for m in mine] == [r["label"] for r in rows]  # row for row
     for m, r in zip(mine, rows, strict=True):
         assert m["probs"] == pytest.approx(r["probs"], abs=1e-5)

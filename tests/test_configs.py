@@ -18,28 +18,9 @@ QUICKSTART = str(CONFIGS / "quickstart.yaml")
 
 def parse(*args: str):
     """The `fit` config the real CLI builds from `args` (parsed and validated, nothing instantiated)."""
-    from layerfusion.cli import LayerFusionCLI
-    from layerfusion.data.datamodule import TextClassificationDataModule
-    from layerfusion.module import LayerFusionModule
+    from layerfusion.cli import ParseOnlyCLI, build_cli
 
-    class ParseOnly(LayerFusionCLI):
-        def _set_seed(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass
-
-    cli = ParseOnly(
-        LayerFusionModule,
-        TextClassificationDataModule,
-        args=["fit", *args],
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-    )
-    return cli.config["fit"]
+    return build_cli(["fit", *args], ParseOnlyCLI, run=True).config["fit"]
 
 
 @pytest.fixture(autouse=True)

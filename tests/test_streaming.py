@@ -80,7 +80,7 @@ def test_train_label_outside_given_labels_stops_the_stream(tmp_path):
     dm = _stream_dm(dataset=str(tmp_path), labels=["0", "1"])
     dm.setup("fit")
     with pytest.raises(
-        DataError, match=r"train\.jsonl, row 3: label '2' is not among the labels \['0', '1'\]"
+        DataError, match=r"train\.jsonl:3: label '2' is not among the labels \['0', '1'\]"
     ):
         _epoch(dm.train_dataloader())
 
@@ -116,7 +116,7 @@ def test_class_label_ids_stream_as_the_names_validation_uses(tmp_path):
         key: SplitSource("hub", str(tmp_path / "hub"), key=key) for key in ("train", "validation")
     }
     assert hub["train"].class_names("label") == names
-    val = hub["validation"].read("text", "label", lazy=True)
+    val = hub["validation"].read("text", "label")  # streamed: no other split downloaded
     assert val.labels == dm.splits["val"].labels and val.texts == dm.splits["val"].texts
 
 

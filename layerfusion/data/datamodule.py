@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Literal
 
 import lightning as L
@@ -30,14 +31,19 @@ class TextClassificationDataModule(L.LightningDataModule):
     `save_to_disk`) or a hub id.
 
     Args:
-        dataset: `sst2` (the default when no train file is given), `sst2_glue`, `mr`, `r8`, `r52`; a directory
+        dataset: `sst2` (the default when no train file is given), `sst2_glue`, `mr`, `r8`, `r52` (a named
+            dataset comes whole: not mixed with split files of your own); a directory
             of `{train,dev|validation|val,test}.{jsonl,json,csv,tsv,parquet}` (text formats also `.gz`) or
             written by `save_to_disk`; a single data file (train only); or a hub id.
-        train_path: the train split's file (or `save_to_disk` directory); overrides `dataset`'s train split.
+        train_path: the train split's file (or `save_to_disk` directory); replaces the train split of a
+            directory or hub `dataset`.
         val_path: the validation split's file; without one, validation is held out of train.
         test_path: the test split's file.
         data_files: `{split: file or [files]}` like `datasets`' `data_files` (train, validation|dev|val, test).
         data_dir: where the named datasets live (default: $LAYERFUSION_DATA, else the copies bundled with layerfusion).
+        dataset_config_name: a hub dataset's configuration (`datasets.load_dataset(dataset, name)`), e.g. `sst2`
+            of `nyu-mll/glue`.
+        revision: a hub dataset's revision (branch, tag or commit): pin it so the data cannot change under you.
         encoders: the model's encoders (linked from `model.encoders` by the CLI); one tokenizer each.
         features: `cached` batches carry row indices only; `online` batches carry tokenized inputs (linked).
         batch_size: training batch size (per device).
@@ -66,6 +72,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         test_path: str | None = None,
         data_files: dict[str, str | list[str]] | None = None,
         data_dir: str | None = None,
+        dataset_config_name: str | None = None,
+        revision: str | None = None,
         encoders: list[EncoderSpec] | None = None,
         features: Literal["cached", "online"] = "cached",
         batch_size: int = 64,
@@ -100,6 +108,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.data_files = data_files
         self.data_dir = data_dir
+        self.dataset_config_name, self.revision = dataset_config_name, revision
         self.encoders = list(encoders or [])
         self.features = features
         self.batch_size = batch_size
@@ -202,7 +211,11 @@ class TextClassificationDataModule(L.LightningDataModule):
                 self.val_path,
                 self.test_path,
                 self.data_files,
+                self.dataset_config_name,
+                self.revision,
             )
+            if self._given_labels:
+                self._sources = _as_written(self._sources, self._labels)
         return self._sources[split]
 
     def _split(self, split: str) -> Examples:
@@ -221,7 +234,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             return self._check_labels(self._train_examples().take(keep))
         source = self._source(split)
         if source is not None:
-            ex = source.read(tf, lf, require_labels, lazy=self.streaming)
+            ex = source.read(tf, lf, require_labels)
         elif split == "val":
             _, held = self._train_rows()
             ex = (
@@ -244,12 +257,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         """The train label column: from the loaded train split, or one scan of the stream."""
         if self._train_label_column is None:
             if self.streaming:
-                source = self._source("train")
                 self._train_label_column = scan_labels(
-                    source.stream(self.text_field, self.label_field),
-                    self.label_field,
-                    source.class_names(self.label_field),
-                    source.location,
+                    self._source("train"), self.text_field, self.label_field
                 )
             else:
                 self._train_label_column = self._train_examples().labels
@@ -305,14 +314,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             for i in self._train_rows()[0]:
                 keep[i] = 1
         stream = ShardedStream(
-            source.stream(self.text_field, self.label_field),
-            self.label_names,
-            self.text_field,
-            self.label_field,
-            self.seed,
-            keep=keep,
-            class_names=source.class_names(self.label_field),
-            name=source.location,
+            source, self.label_names, self.text_field, self.label_field, self.seed, keep=keep
         )
         return StreamLoader(
             stream,
@@ -324,15 +326,21 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def _stream_rows(self, rows: list[int]) -> Examples:
         """Rows of the train stream (the held-out validation rows), read in one pass."""
-        source = self._source("train")
-        return read_rows(
-            source.stream(self.text_field, self.label_field),
-            rows,
-            self.text_field,
-            self.label_field,
-            source.class_names(self.label_field),
-            source.location,
-        )
+        return read_rows(self._source("train"), rows, self.text_field, self.label_field)
+
+
+def _as_written(
+    sources: dict[str, SplitSource | None], labels: list[str]
+) -> dict[str, SplitSource | None]:
+    """`data.labels` given as a named dataset's labels as written ("0", "1": checkpoints trained before the
+    labels had names) reads that dataset's labels as written."""
+    out = dict(sources)
+    for split, source in sources.items():
+        if source is not None and source.label_names:
+            written = {raw for raw, _ in source.label_names}
+            if set(labels) <= written:
+                out[split] = replace(source, label_names=())
+    return out
 
 
 class UnpaddedSampler(DistributedSampler):

@@ -1,59 +1,104 @@
-"""Reading one split (JSON Lines, JSON, CSV, TSV, Parquet, a `datasets.Dataset`) into `Examples`.
+"""Reading data files (JSON Lines, JSON, CSV, TSV, Parquet; text formats optionally `.gz`) one row at a time.
 
-Files are parsed by `datasets`' own builders (json, csv, parquet). When a builder fails, or a row is
-bad, the file is scanned only to name the line or row: every error names the file and where in it.
+`iter_file` is the one reader: training (in memory or streamed), evaluation, `predict` and `classify --file`
+all read through it, so every mode decodes labels by the same rule and names the same `file:line` on bad data.
+Only the text and label columns are looked at; other columns are never parsed into types. Memory stays flat
+whatever the file size, except for a JSON array (`.json` holding `[...]`), which is parsed whole.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
-import contextlib
 import csv
-import functools
 import gzip
-import io
 import json
 import logging
 import re
-import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import zlib
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from layerfusion.errors import LayerFusionError
+
+log = logging.getLogger(__name__)
 
 # file suffix -> format; the text formats may also be gzipped (`.jsonl.gz`, `.csv.gz`, ...)
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 _SURROGATE = re.compile("[\\ud800-\\udfff]")  # half of a UTF-16 pair: no character, not encodable
+_CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB a cell) refuses long documents
+PARQUET_BATCH = 1_000  # rows per Parquet batch
 
 
 class DataError(LayerFusionError, ValueError):
     """Bad data in a source: the message names the file, the line or row and what was expected."""
 
 
+class Row(NamedTuple):
+    """One example as read: its text, its label as a string (None when absent) and where it is."""
+
+    text: str
+    label: str | None
+    source: str  # the file (or dataset) it came from
+    line: int  # 1-based line where the row starts; 0 where lines do not apply (JSON array, Parquet)
+    index: int  # 0-based row number in `source`
+
+    @property
+    def where(self) -> str:
+        """`file:line`, or `source, row N` where lines do not apply."""
+        return f"{self.source}:{self.line}" if self.line else f"{self.source}, row {self.index + 1}"
+
+
 @dataclass
 class Examples:
-    """The texts and (string) labels of one split, with where they came from."""
+    """The texts and (string) labels of one split, with where each row came from (plain data: picklable)."""
 
     texts: list[str]
     labels: list[str | None]
     source: str
-    locate: Callable[[int], str] | None = None  # row -> "file:line" (computed on demand)
-    rows: list[int] | None = None  # row in `source` of each example, when a subset
+    lines: array | None = None  # 1-based line of each source row in its file (0: no line)
+    parts: tuple[tuple[str, int], ...] = ()  # (file, first source row) of each file of a split
+    rows: list[int] | None = None  # source row of each example, when a subset
+    _starts: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    @classmethod
+    def collect(cls, rows: Iterable[Row], source: str) -> Examples:
+        """All rows of a reader, in order (labels interned: one string object per class)."""
+        texts: list[str] = []
+        labels: list[str | None] = []
+        lines = array("q")
+        parts: list[tuple[str, int]] = []
+        same: dict[str, str] = {}
+        for n, row in enumerate(rows):
+            if not parts or parts[-1][0] != row.source:
+                parts.append((row.source, n))
+            texts.append(row.text)
+            labels.append(None if row.label is None else same.setdefault(row.label, row.label))
+            lines.append(row.line)
+        return cls(texts, labels, source, lines, tuple(parts))
+
     def where(self, i: int) -> str:
         """Where example `i` is: `file:line` for line-based files, else `source, row N` (1-based)."""
         row = self.rows[i] if self.rows is not None else i
-        return self.locate(row) if self.locate else f"{self.source}, row {row + 1}"
+        name, first = self.source, 0
+        if self.parts:
+            if not self._starts:
+                self._starts = [start for _, start in self.parts]
+            name, first = self.parts[bisect.bisect_right(self._starts, row) - 1]
+        line = self.lines[row] if self.lines is not None and row < len(self.lines) else 0
+        return f"{name}:{line}" if line else f"{name}, row {row - first + 1}"
 
     def take(self, rows: list[int]) -> Examples:
         """The examples at `rows`, remembering where each came from."""
         orig = [self.rows[i] for i in rows] if self.rows is not None else list(rows)
         texts, labels = [self.texts[i] for i in rows], [self.labels[i] for i in rows]
-        return Examples(texts, labels, self.source, self.locate, orig)
+        return Examples(texts, labels, self.source, self.lines, self.parts, orig)
 
 
 def file_format(path: str | Path) -> str:
@@ -71,35 +116,30 @@ def file_format(path: str | Path) -> str:
     return fmt
 
 
-def load_file(path: Path, fmt: str, text_field: str, label_field: str, streaming: bool = False):
-    """Load one file with `datasets`' builder for `fmt` (a `Dataset`, or an `IterableDataset` when streaming)."""
-    import datasets
+def iter_file(
+    path: str | Path,
+    text_field: str = "text",
+    label_field: str | None = "label",
+    require_labels: bool = False,
+) -> Iterator[Row]:
+    """Yield the rows of a data file one at a time (flat memory); bad data raises `DataError` naming file and line.
 
-    name, kwargs = "json", {}
-    if fmt in ("csv", "tsv"):
-        # every cell as written (no "01" -> 1, no "NA" -> NaN); a leading byte-order mark dropped
-        name = "csv"
-        kwargs = dict(
-            encoding="utf-8-sig",
-            keep_default_na=False,
-            converters={text_field: str, label_field: str},
-        )
-        if fmt == "tsv":  # plain tab-separated values, as GLUE's files: no quoting
-            kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
-    elif fmt == "parquet":
-        name = "parquet"
-    else:
-        _refuse_null_rows(path, text_field, label_field)
-    if streaming:
-        with quiet_builders():
-            return datasets.load_dataset(
-                name, data_files=str(path), split="train", streaming=True, **kwargs
-            )
-    # read into memory through a throw-away cache: no Arrow copy of every data file left in ~/.cache
-    with tempfile.TemporaryDirectory(prefix="layerfusion-read-") as tmp, quiet_builders():
-        return datasets.load_dataset(
-            name, data_files=str(path), split="train", cache_dir=tmp, keep_in_memory=True, **kwargs
-        )
+    Texts must be non-empty strings. Labels are read as written: a string as is, an integer as its digits
+    (a Parquet ClassLabel id as its name); anything else is refused. A row without a label gets None, an
+    error when `require_labels`. `label_field=None` reads texts only.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    fmt = file_format(path)
+    reader = {"json": _json_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows}[fmt]
+    n = 0
+    for n, row in enumerate(reader(path, fmt, text_field, label_field, require_labels), 1):
+        if require_labels and row.label is None:
+            raise DataError(f"{row.where}: {_missing_label(path, fmt, row, label_field)}")
+        yield row
+    if n == 0:
+        raise DataError(f"{path}: no examples (the file is empty)")
 
 
 def read_file(
@@ -108,21 +148,8 @@ def read_file(
     label_field: str = "label",
     require_labels: bool = True,
 ) -> Examples:
-    """Read one split from a data file of any supported format; bad data raises `DataError` naming file and line."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    fmt = file_format(path)
-    try:
-        ds = load_file(path, fmt, text_field, label_field)
-        exact = _mixed_json_columns(ds, path, (text_field, label_field)) if fmt == "json" else {}
-        return to_examples(
-            ds, str(path), text_field, label_field, require_labels, locator(path, fmt), exact
-        )
-    except DataError:
-        raise
-    except Exception as err:  # builders raise many types (ArrowInvalid, ParserError, ...)
-        raise diagnose(path, fmt, err, text_field, label_field) from err
+    """Read one split from a data file of any supported format into memory (see `iter_file`)."""
+    return Examples.collect(iter_file(path, text_field, label_field, require_labels), str(path))
 
 
 def read_jsonl(
@@ -135,59 +162,9 @@ def read_jsonl(
     return read_file(path, text_field, label_field, require_labels)
 
 
-def to_examples(
-    ds,
-    source: str,
-    text_field: str,
-    label_field: str,
-    require_labels: bool = True,
-    locate: Callable[[int], str] | None = None,
-    exact: dict[str, list] | None = None,
-) -> Examples:
-    """Check and convert a `datasets.Dataset` split: string texts, labels as strings (ClassLabel ids as names)."""
-    where = locate or (lambda i: f"{source}, row {i + 1}")
-    columns = list(ds.column_names)
-    if len(ds) == 0:
-        raise DataError(f"{source}: no examples (the split is empty)")
-    if text_field not in columns:
-        raise DataError(
-            f"{source}: no field '{text_field}' (fields: {columns}); set data.text_field to the text column"
-        )
-    has_labels = label_field in columns
-    cols = ds.select_columns([text_field, label_field] if has_labels else [text_field]).to_dict()
-    cols.update(exact or {})
-    texts = cols[text_field]
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where(i)}: {_field_problem(text, text_field, 'a string', where(i))}")
-        if _SURROGATE.search(text):
-            raise DataError(f"{where(i)}: {surrogate_problem(text, text_field)}")
-    if not has_labels:
-        if require_labels:
-            raise DataError(
-                f"{source}: no field '{label_field}' (fields: {columns}); set data.label_field to the label column"
-            )
-        return Examples(texts, [None] * len(texts), source, locate)
-    names = class_names(ds.features.get(label_field))
-    labels: list[str | None] = []
-    for i, value in enumerate(cols[label_field]):
-        try:
-            labels.append(label_str(value, names))
-        except ValueError as err:
-            raise DataError(f"{where(i)}: field '{label_field}' {err}") from None
-    if require_labels and None in labels:
-        if all(lab is None for lab in labels) and names:
-            raise DataError(
-                f"{source}: no gold labels (every '{label_field}' is hidden, -1, as in GLUE test splits); "
-                "evaluate on a labelled split, or use `predict`"
-            )
-        i = labels.index(None)
-        raise DataError(f"{where(i)}: {_field_problem(None, label_field, 'a label', where(i))}")
-    return Examples(texts, labels, source, locate)
-
-
 def label_str(value, names: list[str] | None = None) -> str | None:
-    """A label as a string: ClassLabel ids become their names, integers their digits; None (or a hidden -1) None."""
+    """The one label rule: a string as written, an integer as its digits (a ClassLabel id as its name); None
+    (or a hidden ClassLabel -1) is None; booleans, floats and the rest are refused (ValueError)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -203,192 +180,14 @@ def label_str(value, names: list[str] | None = None) -> str | None:
     return str(value)
 
 
-def class_names(feature) -> list[str] | None:
-    """The names of a `datasets.ClassLabel` feature, else None."""
-    return list(feature.names) if getattr(feature, "names", None) else None
-
-
-@contextlib.contextmanager
-def quiet_builders() -> Iterator[None]:
-    """No `datasets` progress bars while a split is read."""
-    import datasets
-
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
-def _mixed_json_columns(ds, path: Path, fields: tuple[str, ...]) -> dict[str, list]:
-    """Exact values of columns `datasets` typed as mixed JSON (strings and numbers in one column).
-
-    Its `Json` feature decodes the stored strings as JSON, so the string labels "00" and "false" would come
-    back as 0 and False: such columns are read from the rows themselves.
-    """
-    import datasets
-
-    mixed = [f for f in fields if isinstance(ds.features.get(f), datasets.Json)]
-    if not mixed:
-        return {}
-    text = _text(path)
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
-    return {f: [row.get(f) for row in rows] for f in mixed}
-
-
-def _refuse_null_rows(path: Path, text_field: str, label_field: str) -> None:
-    """A row that is a bare `null` crashes pyarrow's JSON reader (26.0: a segfault when it starts a block)."""
-    raw = _bytes(path)
-    if raw.lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(
-        b"["
-    ):  # an array: the builder parses it whole anyway
-        found = _json_problem(
-            path, raw.decode("utf-8-sig", errors="replace"), text_field, label_field
-        )
-        if found:
-            raise found
-        return
-    found = re.search(rb"(?m)^(?:\xef\xbb\xbf)?[ \t\r]*null[ \t\r]*$", raw)
-    if found:
-        line = raw.count(b"\n", 0, found.start()) + 1
-        raise DataError(f"{path}:{line}: expected a JSON object, got null")
-
-
-def stream_error(name: str, err: Exception, text_field: str, label_field: str) -> DataError:
-    """A `DataError` for a failure while streaming `name` (a file: naming the line)."""
-    path = Path(name)
-    if path.is_file() and path.suffix:
-        return diagnose(path, file_format(path), err, text_field, label_field)
-    return DataError(f"{name}: cannot read the stream ({type(err).__name__}: {err})")
-
-
-def _drop_failed_to(record: logging.LogRecord) -> bool:
-    """The builders log "Failed to ..." before raising; we re-raise with the file and line instead."""
-    return not str(record.msg).startswith(
-        (
-            "Failed to load JSON from file",
-            "Failed to read file",
-            "Failed to convert pandas DataFrame",
-        )
-    )
-
-
-# -- where a row is, and why a file failed --------------------------------------------------------
-
-
-def locator(path: Path, fmt: str) -> Callable[[int], str] | None:
-    """row -> `file:line` for line-based files (JSON Lines, CSV, TSV); None for the others."""
-    if fmt == "parquet":
-        return None
-    # a partial of a module-level function, not a closure: Examples travel to ddp_spawn workers
-    return functools.partial(_locate, path, fmt)
-
-
-def _locate(path: Path, fmt: str, row: int) -> str:
-    """`file:line` of data row `row` (`file, row N` where lines do not apply)."""
-    line = _row_line(path, fmt, row)
-    return f"{path}:{line}" if line else f"{path}, row {row + 1}"
-
-
-def _row_line(path: Path, fmt: str, row: int) -> int | None:
-    """The 1-based line where data row `row` starts (None in a JSON array)."""
-    text = _text(path)
-    if fmt == "json":
-        if text.lstrip().startswith("["):
-            return None
-        rows = (n for n, line in enumerate(text.split("\n"), 1) if line.strip())
-    else:
-        reader = _csv_reader(text, fmt)
-        next(reader, None)  # header
-        rows = (_line_of(reader, rec) for rec in reader)
-    for i, line in enumerate(rows):
-        if i == row:
-            return line
-    return None
-
-
-def _line_of(reader, record) -> int:
-    return reader.line_num - record_lines(record) + 1
-
-
-def record_lines(record: list[str]) -> int:
-    """Physical lines a CSV record spans."""
-    return 1 + sum(cell.count("\n") for cell in record)
-
-
-def diagnose(
-    path: Path, fmt: str, err: Exception, text_field: str = "text", label_field: str = "label"
-) -> DataError:
-    """A `DataError` naming the line or row that made a builder fail (or the builder's reason)."""
-    cause = err.__cause__ or err.__context__ or err
-    raw = _bytes(path)
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8) :]
-    if not raw.strip():
-        return DataError(f"{path}: no examples (the file is empty)")
-    if fmt != "parquet":
-        for n, line in enumerate(raw.split(b"\n"), 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                return DataError(
-                    f"{path}:{n}: not valid UTF-8 ({bad.reason} at byte {bad.start}); re-encode the file as UTF-8"
-                )
-        found = (
-            _json_problem(path, raw.decode(), text_field, label_field)
-            if fmt == "json"
-            else _csv_problem(path, fmt)
-        )
-        if found:
-            return found
-    kind = {"json": "JSON", "csv": "CSV", "tsv": "TSV", "parquet": "Parquet"}[fmt]
-    return DataError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {cause})")
-
-
-def _json_problem(path: Path, text: str, text_field: str, label_field: str) -> DataError | None:
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            return DataError(
-                f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
-            )
-        for i, obj in enumerate(rows):
-            problem = _object_problem(obj, text_field, label_field)
-            if problem:
-                return DataError(f"{path}, row {i + 1}: {problem}")
-        return None
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            return DataError(f"{path}:{n}: malformed JSON ({err.msg} at column {err.colno})")
-        problem = _object_problem(obj, text_field, label_field)
-        if problem:
-            return DataError(f"{path}:{n}: {problem}")
-    return None
-
-
-def _object_problem(obj, text_field: str, label_field: str) -> str | None:
-    """What is wrong with one JSON row (types only: the builder could not make columns of it)."""
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    text = obj.get(text_field)
-    if text is not None and not isinstance(text, str):
-        return f"field '{text_field}' must be a string, got {type(text).__name__} {text!r}"
-    if isinstance(text, str) and _SURROGATE.search(text):
-        return surrogate_problem(text, text_field)
-    try:
-        label_str(obj.get(label_field))
-    except ValueError as err:
-        return f"field '{label_field}' {err}"
+def text_problem(value, field: str) -> str | None:
+    """What is wrong with a text value (None if it is a usable text)."""
+    if value is None:
+        return f"field '{field}' is null; expected a string"
+    if not isinstance(value, str):
+        return f"field '{field}' must be a string, got {type(value).__name__} {value!r}"
+    if not value.strip():
+        return f"field '{field}' is empty"
     return None
 
 
@@ -401,57 +200,256 @@ def surrogate_problem(text: str, field: str) -> str:
     )
 
 
-def _csv_problem(path: Path, fmt: str) -> DataError | None:
-    reader = _csv_reader(_text(path), fmt)
-    header = next(reader, None)
-    for record in reader:
-        if record and len(record) != len(header):
-            return DataError(
-                f"{path}:{_line_of(reader, record)}: expected {len(header)} fields as in the header "
-                f"{header}, found {len(record)}"
+def class_names(feature) -> list[str] | None:
+    """The names of a `datasets.ClassLabel` feature, else None."""
+    return list(feature.names) if getattr(feature, "names", None) else None
+
+
+# -- one reader per format -------------------------------------------------------------------------
+
+
+def _json_rows(
+    path: Path, fmt: str, text_field: str, label_field: str | None, require_labels: bool
+) -> Iterator[Row]:
+    """JSON Lines (one object a line, blank lines skipped), or a JSON array of objects (parsed whole)."""
+    lines = _lines(path)
+    for n, line in lines:
+        if line.strip():
+            break
+    else:
+        return
+    if line.lstrip().startswith("["):
+        text = line + "".join(rest for _, rest in lines)
+        try:
+            objects = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{n - 1 + err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+            ) from None
+        if not isinstance(objects, list):
+            raise DataError(f"{path}: expected a JSON array of objects")
+        escaped = "\\u" in text
+        for i, obj in enumerate(objects):
+            yield _object_row(obj, path, 0, i, text_field, label_field, escaped)
+        return
+    i = 0
+    for n, line in _chain_first((n, line), lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{n}: malformed JSON ({err.msg} at column {err.colno})") from None
+        yield _object_row(obj, path, n, i, text_field, label_field, "\\u" in line)
+        i += 1
+
+
+def _object_row(
+    obj, path: Path, line: int, i: int, text_field: str, label_field: str | None, escaped: bool
+) -> Row:
+    """One JSON value as a row (`escaped`: the line has `\\u` escapes, the only way to a lone surrogate)."""
+    row = Row("", None, str(path), line, i)
+    if not isinstance(obj, dict):
+        raise DataError(f"{row.where}: expected a JSON object, got {_json_kind(obj)}")
+    if text_field not in obj:
+        raise DataError(
+            f"{row.where}: missing field '{text_field}' (keys present: {sorted(obj)}); "
+            "name the text field (data.text_field)"
+        )
+    text = obj[text_field]
+    problem = text_problem(text, text_field)
+    if problem is None and escaped and _SURROGATE.search(text):
+        problem = surrogate_problem(text, text_field)
+    if problem:
+        raise DataError(f"{row.where}: {problem}")
+    label = None
+    if label_field is not None:
+        try:
+            label = label_str(obj.get(label_field))
+        except ValueError as err:
+            raise DataError(f"{row.where}: field '{label_field}' {err}") from None
+    return row._replace(text=text, label=label)
+
+
+def _csv_rows(
+    path: Path, fmt: str, text_field: str, label_field: str | None, require_labels: bool
+) -> Iterator[Row]:
+    """CSV (quoted cells as `csv` / pandas write them) or TSV (unquoted, as GLUE writes it); every cell a string."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    lines = _lines(path)
+    if fmt == "tsv":
+        reader = csv.reader((line for _, line in lines), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(line for _, line in lines)
+    header, start, i, warned = None, 1, 0, False
+    try:
+        for record in reader:
+            if not record:  # a blank line
+                start = reader.line_num + 1
+                continue
+            if header is None:
+                header = record
+                ti, li = _columns(path, header, text_field, label_field, require_labels)
+                start = reader.line_num + 1
+                continue
+            line, start = start, reader.line_num + 1
+            if record == header:
+                raise DataError(
+                    f"{path}:{line}: the header row {header} appears again inside the data "
+                    "(files joined with `cat`?); remove the repeated header line"
+                )
+            if len(record) != len(header):
+                raise DataError(f"{path}:{line}: {_width_problem(fmt, header, record)}")
+            text = record[ti]
+            if fmt == "tsv" and not warned and len(text) > 1 and text[0] == text[-1] == '"':
+                warned = True
+                log.warning(
+                    "%s:%d: the text is wrapped in quotes (%s...); TSV is read unquoted, as GLUE writes it, "
+                    "so the quotes stay in the text: write the file without quoting (pandas: "
+                    "quoting=csv.QUOTE_NONE) or save it as .csv",
+                    path,
+                    line,
+                    text[:20],
+                )
+            problem = text_problem(text, text_field)
+            if problem:
+                raise DataError(f"{path}:{line}: {problem}")
+            label = record[li] if li is not None and record[li].strip() else None
+            yield Row(text, label, str(path), line, i)
+            i += 1
+    except csv.Error as err:
+        raise DataError(f"{path}:{start}: cannot read as {fmt.upper()} ({err})") from None
+
+
+def _parquet_rows(
+    path: Path, fmt: str, text_field: str, label_field: str | None, require_labels: bool
+) -> Iterator[Row]:
+    """Parquet, read in batches of the text and label columns only (ClassLabel ids as their names)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"{path}: cannot read as Parquet ({type(err).__name__}: {err})") from None
+    names = pf.schema_arrow.names
+    ti, li = _columns(path, names, text_field, label_field, require_labels)
+    columns = [text_field] + ([label_field] if li is not None else [])
+    class_ids = _parquet_class_names(pf, label_field) if li is not None else None
+    i = 0
+    try:
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns)
+        for batch in batches:
+            texts = batch.column(0).to_pylist()
+            labels = batch.column(1).to_pylist() if li is not None else [None] * len(texts)
+            for text, value in zip(texts, labels):
+                problem = text_problem(text, text_field)
+                if problem:
+                    raise DataError(f"{path}, row {i + 1}: {problem}")
+                try:
+                    label = label_str(value, class_ids)
+                except ValueError as err:
+                    raise DataError(f"{path}, row {i + 1}: field '{label_field}' {err}") from None
+                yield Row(text, label, str(path), 0, i)
+                i += 1
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{path}: cannot read as Parquet ({type(err).__name__}: {err})") from None
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of a text file, gzipped or not; bad bytes and bad gzip data as `DataError`."""
+    gz = path.suffix.lower() == ".gz"
+    n = 0
+    try:
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise DataError(
+                        f"{path}:{n}: not valid UTF-8 ({bad.reason} at byte {bad.start}); "
+                        "re-encode the file as UTF-8"
+                    ) from None
+    except gzip.BadGzipFile as err:
+        raise DataError(
+            f"{path}: not gzip data ({err}); the name ends in .gz: compress the file, or drop .gz from its name"
+        ) from None
+    except (EOFError, zlib.error) as err:
+        raise DataError(
+            f"{path}: the gzip data is cut off or damaged after line {n} ({err}); fetch or compress it again"
+        ) from None
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
+
+
+def _columns(
+    path: Path, names: list[str], text_field: str, label_field: str | None, require_labels: bool
+):
+    """Positions of the text and label columns (label None when absent)."""
+    for name, key, needed in ((text_field, "text", True), (label_field, "label", require_labels and label_field is not None)):
+        if needed and name not in names:
+            raise DataError(
+                f"{path}: no field '{name}' (fields: {list(names)}); set data.{key}_field to the {key} column"
             )
+    li = names.index(label_field) if label_field is not None and label_field in names else None
+    return names.index(text_field), li
+
+
+def _width_problem(fmt: str, header: list[str], record: list[str]) -> str:
+    found = f"expected {len(header)} fields as in the header {header}, found {len(record)}"
+    if fmt == "tsv" and any(cell.startswith('"') for cell in record):
+        opened = record[-1].startswith('"') and not record[-1].endswith('"')
+        cause = "a newline inside a quoted cell" if opened else "a tab inside a quoted cell"
+        return (
+            f"{found}, probably {cause}: TSV is read unquoted, as GLUE writes it, so quotes do not "
+            "protect tabs or newlines; save the file as CSV, or remove them from the cells"
+        )
+    return found
+
+
+def _missing_label(path: Path, fmt: str, row: Row, label_field: str | None) -> str:
+    if fmt in ("csv", "tsv"):
+        return f"field '{label_field}' is empty"
+    if fmt == "json" and row.line:
+        obj = _json_line(path, row.line)
+        if isinstance(obj, dict) and label_field not in obj:
+            return f"missing field '{label_field}' (keys present: {sorted(obj)})"
+    return f"field '{label_field}' is null; expected a label"
+
+
+def _json_line(path: Path, line: int):
+    """The JSON value on line `line` (read again for a message only)."""
+    for n, text in _lines(path):
+        if n == line:
+            try:
+                return json.loads(text)
+            except ValueError:
+                return None
     return None
 
 
-def _csv_reader(text: str, fmt: str):
-    if fmt == "tsv":
-        return csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    return csv.reader(io.StringIO(text, newline=""))
-
-
-def _bytes(path: Path) -> bytes:
-    with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as fh:
-        return fh.read()
-
-
-def _text(path: Path) -> str:
-    return _bytes(path).decode("utf-8-sig", errors="replace")
-
-
-def _field_problem(value, field: str, expected: str, where: str) -> str:
-    """What is wrong with a field value (for JSON: missing vs null, read from the line itself)."""
-    if value is None:
-        obj = _json_at(where)
-        if isinstance(obj, dict) and field not in obj:
-            return f"missing field '{field}' (keys present: {sorted(obj)})"
-        return f"field '{field}' is null; expected {expected}"
-    if not isinstance(value, str):
-        return f"field '{field}' must be a string, got {type(value).__name__} {value!r}"
-    return f"field '{field}' is empty"
-
-
-def _json_at(where: str):
-    """The JSON object on a `file:line` line, or None."""
-    path, _, line = where.rpartition(":")
-    if not line.isdigit() or not path.lower().endswith(
-        (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-    ):
+def _parquet_class_names(pf, label_field: str) -> list[str] | None:
+    """ClassLabel names from the `datasets` features a Parquet file carries in its metadata."""
+    meta = (pf.schema_arrow.metadata or {}).get(b"huggingface")
+    if not meta:
         return None
     try:
-        return json.loads(_text(Path(path)).split("\n")[int(line) - 1])
-    except (ValueError, IndexError):
+        feature = json.loads(meta)["info"]["features"][label_field]
+    except (ValueError, KeyError, TypeError):
         return None
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return list(names) if names else None
 
 
-for _module in ("json", "csv"):
-    logging.getLogger(f"datasets.packaged_modules.{_module}.{_module}").addFilter(_drop_failed_to)
+def _json_kind(value) -> str:
+    kinds = {type(None): "null", bool: "boolean", str: "string", list: "array"}
+    return kinds.get(type(value), type(value).__name__)

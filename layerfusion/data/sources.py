@@ -3,21 +3,23 @@ row rules every mode shares: the held-out validation slice, the stratified subse
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from layerfusion.data.readers import (
     FORMATS,
     DataError,
     Examples,
+    Row,
     class_names,
     file_format,
-    load_file,
-    quiet_builders,
-    read_file,
-    to_examples,
+    iter_file,
+    label_str,
+    text_problem,
 )
 from layerfusion.errors import ConfigError
 
@@ -34,65 +36,67 @@ NAMED_DATASETS: dict[str, dict[str, str | None]] = {
     "r8": {"train": "train", "val": None, "test": "test"},
     "r52": {"train": "train", "val": None, "test": "test"},
 }
+# name -> {label as written in its files: the name users see}; the others' labels are words already
+LABEL_NAMES: dict[str, dict[str, str]] = {
+    name: {"0": "negative", "1": "positive"} for name in ("sst2", "sst2_glue", "mr")
+}
 # split -> the names it goes by in directories, `data_files` keys, DatasetDicts and hub datasets
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "dev", "val"), "test": ("test",)}
+READ_BATCH = 1_000  # rows per batch read from a `datasets` split
 
 
 @dataclass(frozen=True)
 class SplitSource:
-    """One split: local files, a split of a `save_to_disk` directory, or a split of a hub dataset."""
+    """One split: local files, a split of a `save_to_disk` directory, or a split of a hub dataset.
+
+    Plain data (picklable: it travels to `ddp_spawn` processes and DataLoader workers); nothing is read
+    until `rows` or `read` is called.
+    """
 
     kind: str  # "files" | "disk" | "hub"
     location: str  # for messages: the file(s), directory or hub id
     paths: tuple[Path, ...] = ()
     key: str | None = None  # the split's name inside a DatasetDict / hub dataset
+    config: str | None = None  # hub dataset configuration (`datasets.load_dataset(path, name)`)
+    revision: str | None = None  # hub dataset revision (branch, tag or commit)
+    label_names: tuple[tuple[str, str], ...] = ()  # label as written -> label users see (named datasets)
 
-    def read(
-        self, text_field: str, label_field: str, require_labels: bool = True, lazy: bool = False
-    ) -> Examples:
-        """All rows of this split (`lazy`: a hub split is streamed, so no other split is downloaded)."""
+    @property
+    def name(self) -> str:
+        """The split for messages: files, or `location[split]`."""
+        return f"{self.location}[{self.key}]" if self.key else self.location
+
+    def rows(
+        self, text_field: str, label_field: str | None, require_labels: bool = True
+    ) -> Iterator[Row]:
+        """Every row, in order, one at a time (hub splits streamed): checked texts, labels by the one rule."""
         if self.kind == "files":
-            parts = [read_file(p, text_field, label_field, require_labels) for p in self.paths]
-            return parts[0] if len(parts) == 1 else _concat(parts)
-        if self.kind == "hub" and lazy:
-            import datasets
-
-            stream = self.stream(text_field, label_field)
-            ds = datasets.Dataset.from_list(list(stream), features=stream.features)
-        else:
-            ds = self._dataset()
-        name = f"{self.location}[{self.key}]" if self.key else self.location
-        return to_examples(ds, name, text_field, label_field, require_labels)
-
-    def stream(self, text_field: str, label_field: str):
-        """This split as a `datasets.IterableDataset`, in file order (nothing read yet)."""
-        import datasets
-
-        if self.kind == "files":
-            streams = [
-                load_file(p, file_format(p), text_field, label_field, True) for p in self.paths
-            ]
-            return streams[0] if len(streams) == 1 else datasets.concatenate_datasets(streams)
-        if self.kind == "disk":
-            return self._dataset().to_iterable_dataset()
-        with quiet_builders():
-            return _hub_call(
-                self.location,
-                lambda: datasets.load_dataset(self.location, split=self.key, streaming=True),
+            rows = (
+                row
+                for path in self.paths
+                for row in iter_file(path, text_field, label_field, require_labels)
             )
+        else:
+            rows = self._dataset_rows(text_field, label_field, require_labels)
+        if not self.label_names:
+            yield from rows
+            return
+        names = dict(self.label_names)
+        for row in rows:
+            yield row._replace(label=names.get(row.label, row.label))
+
+    def read(self, text_field: str, label_field: str, require_labels: bool = True) -> Examples:
+        """All rows of this split, in memory."""
+        return Examples.collect(self.rows(text_field, label_field, require_labels), self.name)
 
     def class_names(self, label_field: str) -> list[str] | None:
         """ClassLabel names of the label column (save_to_disk and hub datasets), without reading rows."""
         if self.kind == "files":
             return None
-        features = (
-            self._dataset().features
-            if self.kind == "disk"
-            else self.stream(label_field, label_field).features
-        )
+        features = self._dataset(streaming=self.kind == "hub").features
         return class_names(features.get(label_field)) if features else None
 
-    def _dataset(self):
+    def _dataset(self, streaming: bool = False):
         import datasets
 
         if self.kind == "disk":
@@ -100,8 +104,62 @@ class SplitSource:
             return loaded[self.key] if self.key else loaded
         with quiet_builders():
             return _hub_call(
-                self.location, lambda: datasets.load_dataset(self.location, split=self.key)
+                _hub_name(self.location, self.config, self.revision),
+                lambda: datasets.load_dataset(
+                    self.location,
+                    self.config,
+                    split=self.key,
+                    revision=self.revision,
+                    streaming=streaming,
+                ),
             )
+
+    def _dataset_rows(
+        self, text_field: str, label_field: str | None, require_labels: bool
+    ) -> Iterator[Row]:
+        ds = self._dataset(streaming=self.kind == "hub")
+        columns = list(ds.column_names or ds.features or [])
+        if columns and text_field not in columns:
+            raise DataError(
+                f"{self.name}: no field '{text_field}' (fields: {columns}); set data.text_field to the text column"
+            )
+        if columns and require_labels and label_field not in columns:
+            raise DataError(
+                f"{self.name}: no field '{label_field}' (fields: {columns}); set data.label_field to the label column"
+            )
+        names = class_names(ds.features.get(label_field)) if ds.features else None
+        i = 0
+        try:
+            for batch in ds.iter(batch_size=READ_BATCH):
+                texts = batch[text_field]
+                labels = batch.get(label_field) or [None] * len(texts)
+                for text, value in zip(texts, labels):
+                    yield self._row(i, text, value, names, text_field, label_field, require_labels)
+                    i += 1
+        except DataError:
+            raise
+        except Exception as err:  # the builders raise many types while streaming
+            raise DataError(f"{self.name}: cannot read ({type(err).__name__}: {err})") from err
+        if i == 0:
+            raise DataError(f"{self.name}: no examples (the split is empty)")
+
+    def _row(self, i, text, value, names, text_field, label_field, require_labels) -> Row:
+        where = f"{self.name}, row {i + 1}"
+        problem = text_problem(text, text_field)
+        if problem:
+            raise DataError(f"{where}: {problem}")
+        try:
+            label = label_str(value, names)
+        except ValueError as err:
+            raise DataError(f"{where}: field '{label_field}' {err}") from None
+        if label is None and require_labels:
+            if names and value is not None:
+                raise DataError(
+                    f"{where}: no gold labels (the label is hidden, -1, as in GLUE test splits); "
+                    "evaluate on a labelled split, or use `predict`"
+                )
+            raise DataError(f"{where}: field '{label_field}' is null; expected a label")
+        return Row(text, label, self.name, 0, i)
 
 
 def resolve_splits(
@@ -111,12 +169,35 @@ def resolve_splits(
     val_path: str | None = None,
     test_path: str | None = None,
     data_files: dict[str, str | list[str]] | None = None,
+    dataset_config_name: str | None = None,
+    revision: str | None = None,
 ) -> dict[str, SplitSource | None]:
-    """The source of train / val / test (val or test None when absent); per-split paths override `dataset`."""
+    """The source of train / val / test (val or test None when absent).
+
+    A named dataset (`sst2`, ...) comes whole: mixed with split files of your own it would validate or test
+    your model on its rows, so that is an error. A directory, file or hub id in `dataset` may have single
+    splits replaced by per-split files.
+    """
     explicit = _explicit_files(train_path, val_path, test_path, data_files)
+    if dataset in NAMED_DATASETS and explicit:
+        given = ", ".join(_explicit_keys(train_path, val_path, test_path, data_files))
+        raise ConfigError(
+            f"data.dataset is the named dataset {dataset!r} and {given} gives split files of your own: a run "
+            f"would train, validate or test on a mix of both. Use one: set data.dataset to null "
+            f"(--data.dataset null) to use your files, or drop {given}"
+        )
     if dataset is None and explicit.get("train") is None:
         dataset = "sst2"
-    out = _dataset_splits(dataset, data_dir) if dataset is not None else dict.fromkeys(SPLITS)
+    if (dataset_config_name or revision) and (dataset is None or dataset in NAMED_DATASETS):
+        raise ConfigError(
+            "data.dataset_config_name and data.revision select a hub dataset's configuration and version; "
+            f"data.dataset is {dataset!r}, not a hub id"
+        )
+    out = (
+        _dataset_splits(dataset, data_dir, dataset_config_name, revision)
+        if dataset is not None
+        else dict.fromkeys(SPLITS)
+    )
     out.update(explicit)
     if out["train"] is None:
         raise ConfigError(
@@ -204,6 +285,11 @@ def _explicit_files(train_path, val_path, test_path, data_files) -> dict[str, Sp
     return out
 
 
+def _explicit_keys(train_path, val_path, test_path, data_files) -> list[str]:
+    keys = [f"data.{s}_path" for s, v in (("train", train_path), ("val", val_path), ("test", test_path)) if v]
+    return keys + (["data.data_files"] if data_files else [])
+
+
 def path_source(value: str | list[str], key: str) -> SplitSource:
     """A split from a file, a list of files, or a `Dataset.save_to_disk` directory."""
     values = [value] if isinstance(value, (str, os.PathLike)) else list(value)
@@ -219,7 +305,9 @@ def path_source(value: str | list[str], key: str) -> SplitSource:
     return SplitSource("files", ", ".join(map(str, paths)), paths)
 
 
-def _dataset_splits(dataset: str, data_dir: str | None) -> dict[str, SplitSource | None]:
+def _dataset_splits(
+    dataset: str, data_dir: str | None, config: str | None = None, revision: str | None = None
+) -> dict[str, SplitSource | None]:
     if dataset in NAMED_DATASETS:
         root = _named_root(dataset, data_dir)
         out = {}
@@ -232,23 +320,43 @@ def _dataset_splits(dataset: str, data_dir: str | None) -> dict[str, SplitSource
                 raise DataError(
                     f"{root}: missing {stem}.jsonl for the {split} split of {dataset!r}"
                 )
-            out[split] = found
+            out[split] = replace(found, label_names=tuple(LABEL_NAMES.get(dataset, {}).items()))
         return out
     path = Path(dataset).expanduser()
+    if revision and (path.is_dir() or path.is_file()):
+        raise ConfigError(
+            f"data.revision selects a version of a hub dataset; {dataset!r} is a local path (check out the "
+            "revision you want there instead)"
+        )
+    if config and path.is_dir():  # a local copy of a hub repository, with its configurations
+        return _hub_splits(str(path), config)
+    if config and path.is_file():
+        raise ConfigError(f"data.dataset_config_name selects a hub dataset's configuration; {dataset!r} is a file")
     if path.is_dir():
         return _directory_splits(path)
     if path.is_file():
         return {"train": path_source(dataset, "data.dataset"), "val": None, "test": None}
-    if (
-        dataset.startswith((".", "/", "~"))
-        or Path(dataset).suffix.lower() in (*FORMATS, ".gz")
-        or "/" not in dataset
-    ):
+    if "/" not in dataset and not Path(dataset).suffix:
         raise DataError(
             f"unknown dataset {dataset!r}: not a known name ({', '.join(NAMED_DATASETS)}), "
             "not an existing file or directory, and not a hub id of the form 'org/name'"
         )
-    return _hub_splits(dataset)
+    missing = _missing_local_path(dataset)
+    if missing:
+        raise DataError(f"{dataset}: no such file or directory (data.dataset; {missing})")
+    return _hub_splits(dataset, config, revision)
+
+
+def _missing_local_path(dataset: str) -> str | None:
+    """Why `dataset` is a local path that does not exist rather than a hub id (None: it may be a hub id)."""
+    parts = dataset.split("/")
+    if dataset.startswith((".", "/", "~")) or Path(dataset).suffix.lower() in (*FORMATS, ".gz"):
+        return "a hub id has the form 'org/name'"
+    if len(parts) != 2 or not all(parts):
+        return "a hub id has the form 'org/name', with one '/'"
+    if Path(parts[0]).expanduser().is_dir():
+        return f"{parts[0]}/ is a local directory; a hub id has the form 'org/name'"
+    return None
 
 
 def _directory_splits(root: Path) -> dict[str, SplitSource | None]:
@@ -291,13 +399,21 @@ def _split_files(root: Path, stems: tuple[str, ...]) -> SplitSource | None:
     return SplitSource("files", str(found[0]), (found[0],)) if found else None
 
 
-def _hub_splits(dataset: str) -> dict[str, SplitSource | None]:
+def _hub_splits(
+    dataset: str, config: str | None = None, revision: str | None = None
+) -> dict[str, SplitSource | None]:
     import datasets
 
     with quiet_builders():
-        keys = _hub_call(dataset, lambda: datasets.get_dataset_split_names(dataset))
+        keys = _hub_call(
+            _hub_name(dataset, config, revision),
+            lambda: datasets.get_dataset_split_names(dataset, config, revision=revision),
+        )
     out = {
-        split: next((SplitSource("hub", dataset, key=k) for k in names if k in keys), None)
+        split: next(
+            (SplitSource("hub", dataset, key=k, config=config, revision=revision) for k in names if k in keys),
+            None,
+        )
         for split, names in SPLIT_NAMES.items()
     }
     if out["train"] is None:
@@ -305,12 +421,18 @@ def _hub_splits(dataset: str) -> dict[str, SplitSource | None]:
     return out
 
 
+def _hub_name(dataset: str, config: str | None, revision: str | None) -> str:
+    """`'org/name'` with its configuration and revision, for messages."""
+    extra = [f"{k} {v!r}" for k, v in (("configuration", config), ("revision", revision)) if v]
+    return repr(dataset) + (f" ({', '.join(extra)})" if extra else "")
+
+
 def _hub_call(dataset: str, fn):
     try:
         return fn()
     except Exception as err:  # datasets raises many types; the user needs the id and the cause
         raise DataError(
-            f"cannot load hub dataset {dataset!r}: {type(err).__name__}: {err}"
+            f"cannot load hub dataset {dataset}: {type(err).__name__}: {err}"
         ) from err
 
 
@@ -335,16 +457,15 @@ def _by_label(labels: list[str | None]) -> list[list[int]]:
     return [by_label[k] for k in sorted(by_label, key=str)]
 
 
-def _concat(parts: list[Examples]) -> Examples:
-    """One split from several files: `where` names the file of each row."""
-    offsets = [0]
-    for part in parts:
-        offsets.append(offsets[-1] + len(part))
+@contextlib.contextmanager
+def quiet_builders() -> Iterator[None]:
+    """No `datasets` progress bars while a split is read."""
+    import datasets
 
-    def locate(row: int) -> str:
-        k = max(i for i, o in enumerate(offsets[:-1]) if o <= row)
-        return parts[k].where(row - offsets[k])
-
-    texts = [t for p in parts for t in p.texts]
-    labels = [lab for p in parts for lab in p.labels]
-    return Examples(texts, labels, ", ".join(p.source for p in parts), locate)
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()

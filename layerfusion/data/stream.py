@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import random
+from array import array
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from layerfusion.data.readers import DataError, Examples, label_str, stream_error
-
-READ_BATCH = 1_000  # rows per Arrow batch read from the source
+from layerfusion.data.readers import DataError, Examples
 
 
 class ShardedStream(IterableDataset):
-    """The rows of a `datasets` streaming split, shuffled per epoch, sharded over ranks x workers.
+    """The rows of a split read one at a time, shuffled per epoch, sharded over ranks x workers.
 
-    Every rank and every DataLoader worker reads the whole source in file order (through
-    `IterableDataset.iter`, so `datasets` does not split it by worker a second time), keeps the rows
+    `source` is a `SplitSource` (anything with its `rows(text_field, label_field)`): plain data, so the
+    stream pickles to DataLoader workers and `ddp_spawn` processes and opens its files there. Every rank
+    and every DataLoader worker reads the whole source in file order, keeps the rows
     of `keep` (the training rows: held-out validation rows and rows outside a subset are dropped),
     shuffles them with a buffer seeded by (seed, epoch) — the same order everywhere — and keeps
     positions `i % n == slot` of `n = world_size x workers` slots. Only complete groups of `n` are
@@ -34,8 +34,6 @@ class ShardedStream(IterableDataset):
         label_field: str,
         seed: int,
         keep: list[bool] | None = None,
-        class_names: list[str] | None = None,
-        name: str = "stream",
         buffer_size: int = 10_000,
         rank: int | None = None,
         world_size: int | None = None,
@@ -44,7 +42,7 @@ class ShardedStream(IterableDataset):
         self.label_names = list(label_names)
         self.index = {lab: i for i, lab in enumerate(label_names)}
         self.text_field, self.label_field = text_field, label_field
-        self.seed, self.keep, self.class_names, self.name = seed, keep, class_names, name
+        self.seed, self.keep = seed, keep
         self.buffer_size = buffer_size
         self.epoch = 0
         self.rank, self.world_size = rank, world_size  # None: read from torch.distributed
@@ -69,31 +67,18 @@ class ShardedStream(IterableDataset):
     def _kept(self) -> Iterator[dict]:
         """Training rows in file order: `{index, text, label}` with the label as a class id."""
         i = 0
-        for text, value in iter_rows(self.source, self.name, self.text_field, self.label_field):
-            if self.keep is None or self.keep[i]:
-                yield self._item(i, text, value)
-            i += 1
+        for i, row in enumerate(self.source.rows(self.text_field, self.label_field), 1):
+            if self.keep is None or self.keep[i - 1]:
+                if row.label not in self.index:
+                    raise DataError(
+                        f"{row.where}: label {row.label!r} is not among the labels {self.label_names}"
+                    )
+                yield {"index": i - 1, "text": row.text, "label": self.index[row.label]}
         if self.keep is not None and i != len(self.keep):
             raise DataError(
-                f"{self.name}: the stream has {i} rows, but {len(self.keep)} were counted when it was scanned; "
-                "was the file changed during training?"
+                f"{self.source.location}: the stream has {i} rows, but {len(self.keep)} were counted when it "
+                "was scanned; was the file changed during training?"
             )
-
-    def _item(self, i: int, text, value) -> dict:
-        where = f"{self.name}, row {i + 1}"
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(
-                f"{where}: field '{self.text_field}' must be a non-empty string, got {text!r}"
-            )
-        try:
-            label = label_str(value, self.class_names)
-        except ValueError as err:
-            raise DataError(f"{where}: field '{self.label_field}' {err}") from None
-        if label is None:
-            raise DataError(f"{where}: field '{self.label_field}' is null or missing")
-        if label not in self.index:
-            raise DataError(f"{where}: label {label!r} is not among the labels {self.label_names}")
-        return {"index": i, "text": text, "label": self.index[label]}
 
 
 class StreamLoader(DataLoader):
@@ -117,29 +102,12 @@ class StreamLoader(DataLoader):
         return super().__iter__()
 
 
-def scan_labels(
-    source, label_field: str, class_names: list[str] | None, name: str
-) -> list[str | None]:
-    """The label column of a stream, as strings (one pass that reads only that column where the format allows)."""
-    out: list[str | None] = []
-    for _, value in iter_rows(source.select_columns([label_field]), name, None, label_field):
-        try:
-            out.append(label_str(value, class_names))
-        except ValueError as err:
-            raise DataError(f"{name}, row {len(out) + 1}: field '{label_field}' {err}") from None
-    return out
-
-
-def iter_rows(source, name: str, text_field: str | None, label_field: str) -> Iterator[tuple]:
-    """(text, label value) of every row of a stream in file order; read errors as `DataError`."""
-    try:
-        for batch in source.iter(batch_size=READ_BATCH):
-            texts = batch[text_field] if text_field else [None] * len(batch[label_field])
-            yield from zip(texts, batch[label_field])
-    except DataError:
-        raise
-    except Exception as err:  # the builders raise many types while streaming
-        raise stream_error(name, err, text_field or "text", label_field) from err
+def scan_labels(source, text_field: str, label_field: str) -> list[str]:
+    """The label column of a split in one pass, one row at a time (each distinct label one string object)."""
+    same: dict[str, str] = {}
+    return [
+        same.setdefault(row.label, row.label) for row in source.rows(text_field, label_field)
+    ]
 
 
 def _buffer_shuffle(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -162,24 +130,18 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def read_rows(
-    source,
-    rows: list[int],
-    text_field: str,
-    label_field: str,
-    class_names: list[str] | None,
-    name: str,
-) -> Examples:
-    """The rows at `rows` (sorted indices) of a stream, read in one pass, as `Examples`."""
+def read_rows(source, rows: list[int], text_field: str, label_field: str) -> Examples:
+    """The rows at `rows` (row indices) of a split, read in one pass, as `Examples` that know where each is."""
     wanted = set(rows)
     texts: list[str] = []
     labels: list[str | None] = []
-    for i, (text, value) in enumerate(iter_rows(source, name, text_field, label_field)):
+    lines = array("q")
+    parts: list[tuple[str, int]] = []
+    for i, row in enumerate(source.rows(text_field, label_field)):
+        if not parts or parts[-1][0] != row.source:
+            parts.append((row.source, i))
+        lines.append(row.line)
         if i in wanted:
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(
-                    f"{name}, row {i + 1}: field '{text_field}' must be a non-empty string"
-                )
-            texts.append(text)
-            labels.append(label_str(value, class_names))
-    return Examples(texts, labels, name, rows=sorted(wanted))
+            texts.append(row.text)
+            labels.append(row.label)
+    return Examples(texts, labels, source.name, lines, tuple(parts), sorted(wanted))

@@ -6,10 +6,11 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from layerfusion.encoders.taps import LayerTaps, Pooling
 from layerfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
+_REOPENING = threading.Lock()  # module level: a lock attribute would not pickle for ddp_spawn
 
 # model_type -> (embedding-output module, list of blocks, final norm applied to the last block or None).
 # Each entry matches what the model returns as `output_hidden_states` (checked in tests).
@@ -71,6 +73,9 @@ class EncoderSpec:
     """Allow the model directory to run its own Python code. Off unless you trust the source."""
     alias: str | None = None
     """Short name used in logs, features and checkpoints (default: last part of `name`)."""
+    revision: str | None = None
+    """Hub revision to load (branch, tag or, to pin the exact files, a commit hash); recorded with the head.
+    With a revision the name is always the hub id: local copies (which carry none) are skipped."""
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -106,6 +111,7 @@ class FrozenEncoder(nn.Module):
         freeze(self.model)
         set_mpnet_sdpa(self.model)
         self.taps = LayerTaps(tap_modules(self.model), spec.pooling)
+        self.taps.stop_before(blocks_of(self.model))
         self._fingerprint: str | None = None
         self._precision: dict[str, tuple[str, str]] = {}
 
@@ -127,22 +133,30 @@ class FrozenEncoder(nn.Module):
     ) -> torch.Tensor:
         """Pooled layers `0..depth` (default: all) in fp32, `[B, depth+1, d]`, without gradients.
 
-        Blocks above `depth` are not run at all (early exit): the block list is cut for this pass.
+        Blocks above `depth` are not run at all (early exit): the pass stops before the first block no
+        recorded layer needs. Safe to call from several threads at once: all per-call state lives in
+        this call's `Recording`, and the model is not changed.
         """
         depth = self.num_layers - 1 if depth is None else int(depth)
         if not 0 <= depth < self.num_layers:
             raise ValueError(f"depth must be in 0..{self.num_layers - 1}, got {depth}")
-        if not self.taps.active:  # closed by a previous stage's teardown
-            self.taps = LayerTaps(tap_modules(self.model), self.spec.pooling)
-        self.taps.start(attention_mask, depth)
+        taps = self.taps
+        if not taps.active:  # closed by a previous stage's teardown
+            with _REOPENING:
+                if not self.taps.active:
+                    self.taps = LayerTaps(tap_modules(self.model), self.spec.pooling)
+                taps = self.taps
+        taps.stop_before(
+            blocks_of(self.model)
+        )  # a no-op unless a wrapper (FSDP) replaced the blocks
         extra = {"use_cache": False} if self.model.config.model_type in DECODERS else {}
         with (
             torch.no_grad(),
             self.compute_context(input_ids.device),
-            only_blocks(self.model, depth),
+            taps.record(attention_mask, depth) as recording,
         ):
             self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs, **extra)
-        return self.taps.stack()
+        return recording.stack()
 
     def compute_precision(self, device: torch.device | str) -> str:
         """The precision this encoder computes in on `device` (`float32`, `tfloat32`, `bfloat16`, `float16`).
@@ -216,9 +230,66 @@ class FrozenEncoder(nn.Module):
         )
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def identity(self) -> dict[str, Any]:
+        """What a head trained on this encoder records about it (checkpoints, classifier folders): name,
+        revision, SHA-256 of the weights and of the tokenizer, depth and the effective max_length."""
+        return {
+            "name": self.spec.name,
+            "revision": self.spec.revision,
+            "weights_sha256": self.fingerprint(),
+            "layers": self.num_layers,
+            "tokenizer_sha256": self.tokenizer_fingerprint(),
+            "max_length": self.max_length,
+        }
+
+    def identity_differences(self, recorded: Mapping[str, Any]) -> list[str]:
+        """How this encoder differs from `recorded` (an `identity()` stored with a head) in what it computes:
+        weights, depth, tokenizer, max_length. Fields a record lacks (older layerfusion) are not compared."""
+        ours = self.identity()
+        out = []
+        for field, what in IDENTITY_CHECKED.items():
+            if field in recorded and recorded[field] != ours[field]:
+                now, then = ours[field], recorded[field]
+                if field.endswith("_sha256"):
+                    now, then = f"{str(now)[:12]}...", f"{str(then)[:12]}..."
+                out.append(f"{what} {now}, trained with {then}")
+        return out
+
+    def check_identity(self, recorded: Mapping[str, Any], artifact: str = "this head") -> None:
+        """Refuse to serve a head trained on another encoder, naming the encoder and what differs."""
+        differences = self.identity_differences(recorded)
+        if differences:
+            raise ConfigError(
+                f"encoder {self.spec.key!r} ({self.spec.name}) is not the one {artifact} was trained on: "
+                + "; ".join(differences)
+            )
+
     def close(self) -> None:
         """Remove the taps' hooks (the next forward registers them again)."""
         self.taps.remove()
+
+
+IDENTITY_CHECKED = {
+    "weights_sha256": "weights SHA-256",
+    "layers": "layers",
+    "tokenizer_sha256": "tokenizer SHA-256",
+    "max_length": "max_length",
+}
+"""The fields of `FrozenEncoder.identity()` a head's encoder must match, and how messages name them."""
+
+
+def encoders_mismatch(
+    recorded: Mapping[str, Mapping[str, Any]], encoders: Mapping[str, FrozenEncoder]
+) -> str | None:
+    """Why `encoders` are not the ones a head recorded (`{key: identity()}`), or None when they are."""
+    if set(recorded) != set(encoders):
+        return f"encoders {sorted(recorded)} were recorded, these are {sorted(encoders)}"
+    problems = [
+        f"{key}: {'; '.join(diff)}"
+        for key, encoder in encoders.items()
+        if (diff := encoder.identity_differences(recorded[key]))
+    ]
+    return " | ".join(problems) or None
 
 
 CONFIG_TRANSIENT = (
@@ -246,8 +317,8 @@ def load_pretrained(spec: EncoderSpec):
 
     from layerfusion.encoders.offline import resolve_model
 
-    path = resolve_model(spec.name)
-    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    path = resolve_model(spec.name, spec.revision)
+    kwargs = {"trust_remote_code": spec.trust_remote_code, **_revision(spec)}
     if spec.torch_dtype:
         kwargs["dtype"] = DTYPES[spec.torch_dtype]
     model = AutoModel.from_pretrained(path, **kwargs)
@@ -262,7 +333,9 @@ def load_tokenizer(spec: EncoderSpec, path: str | None = None):
     from layerfusion.encoders.offline import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(
-        path or resolve_model(spec.name), trust_remote_code=spec.trust_remote_code
+        path or resolve_model(spec.name, spec.revision),
+        trust_remote_code=spec.trust_remote_code,
+        **_revision(spec),
     )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -280,8 +353,15 @@ def load_config(spec: EncoderSpec):
     from layerfusion.encoders.offline import resolve_model
 
     return AutoConfig.from_pretrained(
-        resolve_model(spec.name), trust_remote_code=spec.trust_remote_code
+        resolve_model(spec.name, spec.revision),
+        trust_remote_code=spec.trust_remote_code,
+        **_revision(spec),
     )
+
+
+def _revision(spec: EncoderSpec) -> dict[str, str]:
+    """`from_pretrained`'s `revision` argument for `spec` (none when it pins no revision)."""
+    return {"revision": spec.revision} if spec.revision else {}
 
 
 def tap_modules(model: nn.Module) -> list[nn.Module]:
@@ -348,24 +428,9 @@ def _mpnet_sdpa_forward(
     return (self.o(context.transpose(1, 2).reshape(*input_shape, self.all_head_size)),)
 
 
-@contextmanager
-def only_blocks(model: nn.Module, depth: int) -> Iterator[None]:
-    """Cut the model's block list to the blocks below hidden state `depth` for the duration (early exit).
-
-    At least one block stays: some encoders (DeBERTa) cannot run without any.
-    """
-    _, blocks, _ = ARCHITECTURES[model.config.model_type]
-    parent_name, _, attr = blocks.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    full = getattr(parent, attr)
-    if depth >= len(full):
-        yield
-        return
-    setattr(parent, attr, full[: max(depth, 1)])
-    try:
-        yield
-    finally:
-        setattr(parent, attr, full)
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (as it is now: FSDP replaces its elements by wrappers)."""
+    return model.get_submodule(ARCHITECTURES[model.config.model_type][1])
 
 
 def resolve_compute_dtype(

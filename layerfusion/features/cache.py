@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -21,7 +18,31 @@ import torch
 
 from layerfusion.encoders.frozen import FrozenEncoder
 from layerfusion.errors import ConfigError, LayerFusionError
-from layerfusion.leftovers import owner_tag, remove_dead_leftovers
+from layerfusion.features.entry import (
+    CachedFeatures,
+    FeatureCacheError,
+    _build_dir,
+    _chunk_count,
+    _chunk_index,
+    _chunk_verified,
+    _entry_layers,
+    _tmp_prefix,
+    _write_chunk,
+    file_sha256,
+    open_entry,
+    read_manifest,
+    verify,
+)
+from layerfusion.features.extraction import (
+    FLOAT16_MAX,
+    TOKEN_BUDGET,
+    _progress,
+    extract,
+    extract_chunk,
+    forward_batches,
+    token_batches,
+)
+from layerfusion.files import atomic_write, fsync_dir, remove_dead_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +53,9 @@ CHUNK_ROWS = 4096
 two CPU cores, seconds on a GPU); the chunk is held in fp32 until written (4096 x 13 x 768 x 4 B = 164 MB
 for MPNet's every layer); a million rows make ~250 files; length sorting within a chunk packs batches as
 tightly as sorting the whole split."""
-TOKEN_BUDGET = 4096
-"""Padded tokens per extraction batch (rows x longest row). Measured in benchmarks/scale.py (MPNet, every
-layer, 2-core CPU): on R8 documents of 512 tokens the peak RSS growth was 460 MiB at 4096 tokens, 901 at
-8192, 1017 at 16384 and 1910 with the former fixed 64 rows (32,768 tokens); on SST-2 sentences 4096
-tokens (~130 rows a batch) ran as fast as 64 rows, 8192 and 16384 were 8% and 70% slower. On a GPU a
-larger budget may be faster (not measured here): `model.extract_token_budget`."""
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-class FeatureCacheError(LayerFusionError, RuntimeError):
-    """A feature cache entry cannot be built or read: the message names the entry, split or row."""
+# -- process groups ----------------------------------------------------------------------------
 
 
 class Distributed(Protocol):
@@ -423,15 +436,15 @@ class FeatureCache:
                 wide,
                 count,
             )
-        _write_atomic(build / "manifest.json", json.dumps(manifest, indent=1).encode())
-        _fsync_dir(build)
+        atomic_write(build / "manifest.json", json.dumps(manifest, indent=1), fsync=True)
+        fsync_dir(build)
         try:
             os.rename(build, path)
         except OSError:  # another job renamed its build first
             if verify(path, key) is not None:
                 raise
             shutil.rmtree(build, ignore_errors=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return path
 
     def _reclaim(self, path: Path, key: dict) -> None:
@@ -448,277 +461,6 @@ class FeatureCache:
         for f in path.glob("*.npy"):
             os.replace(f, build / f.name)
         shutil.rmtree(path, ignore_errors=True)
-
-
-class CachedFeatures:
-    """A cache entry read through memory maps: `feats[rows]` is a tensor `[B, len(layers), d]` in the
-    entry's dtype, for rows given as a LongTensor, list, slice or int; `feats[rows, ...]` indexes further
-    like a tensor (layers by position). `layers` are the absolute layer indices held, `select` narrows
-    them. Each chunk's SHA-256 is checked the first time this process reads it."""
-
-    def __init__(self, path: Path, manifest: dict, layers: list[int] | None = None) -> None:
-        self.path = Path(path)
-        self.manifest = manifest
-        self._stored = list(manifest["layers"])
-        self.layers = list(self._stored if layers is None else layers)
-        missing = sorted(set(self.layers) - set(self._stored))
-        if missing:
-            raise FeatureCacheError(f"{path} holds layers {self._stored}, not {missing}")
-        self._cols = (
-            None if self.layers == self._stored else [self._stored.index(i) for i in self.layers]
-        )
-        rows, _, dim = manifest["shape"]
-        self.shape = torch.Size((rows, len(self.layers), dim))
-        self.dtype = getattr(torch, manifest["dtype"])
-        self._np_dtype = np.dtype(manifest["dtype"])
-        self._chunk_rows = int(manifest["chunk_rows"])
-        self._arrays: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"CachedFeatures({self.path}, shape={tuple(self.shape)}, layers={self.layers})"
-
-    def select(self, layers: Sequence[int]) -> CachedFeatures:
-        """A view holding only `layers` (absolute indices, each held here)."""
-        view = CachedFeatures(self.path, self.manifest, sorted(layers))
-        view._arrays = self._arrays  # one set of memory maps
-        return view
-
-    def to(self, *args, **kwargs) -> torch.Tensor:
-        """Every row as a tensor, then `Tensor.to(*args, **kwargs)`."""
-        return self[:].to(*args, **kwargs)
-
-    def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, tuple):
-            rows, rest = index[0], index[1:]
-            out = self[rows]
-            return out[rest] if isinstance(rows, int) else out[(slice(None), *rest)]
-        if isinstance(index, torch.Tensor) and index.ndim == 0 or isinstance(index, np.integer):
-            index = int(index)
-        if isinstance(index, int):
-            if not -len(self) <= index < len(self):
-                raise IndexError(f"row {index} out of range for {len(self)} rows")
-            return self._rows(np.array([index % len(self)]))[0]
-        if isinstance(index, slice):
-            return self._rows(np.arange(len(self))[index])
-        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
-        if idx.ndim != 1:
-            raise IndexError(f"rows must be one-dimensional, got shape {idx.shape}")
-        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
-            raise IndexError(f"rows out of range for {len(self)} rows")
-        return self._rows(idx % max(len(self), 1))
-
-    def _rows(self, idx: np.ndarray) -> torch.Tensor:
-        """Rows `idx` (non-negative), gathered chunk by chunk."""
-        out = np.empty((len(idx), *self.shape[1:]), dtype=self._np_dtype)
-        order = np.argsort(idx, kind="stable")
-        ordered = idx[order]
-        chunk = ordered // self._chunk_rows
-        bounds = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(idx)]
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if start == end:
-                continue
-            c = int(chunk[start])
-            local = ordered[start:end] - c * self._chunk_rows
-            array = self._chunk(c)
-            if local[-1] - local[0] == end - start - 1:  # sorted and consecutive: one slice
-                block = array[local[0] : local[-1] + 1]
-            else:
-                block = array[local]
-            out[order[start:end]] = block if self._cols is None else block[:, self._cols]
-        return torch.from_numpy(out)
-
-    def _chunk(self, c: int) -> np.ndarray:
-        """Chunk `c`, memory-mapped; its checksum verified on the first read in this process."""
-        if c not in self._arrays:
-            meta = self.manifest["chunks"][c]
-            f = self.path / meta["file"]
-            if (str(f), meta["sha256"]) not in _VERIFIED:
-                try:
-                    actual = file_sha256(f)
-                except OSError as err:
-                    raise FeatureCacheError(
-                        f"feature cache chunk {f} cannot be read ({err}); run again to re-extract it"
-                    ) from None
-                if actual != meta["sha256"]:
-                    f.unlink(missing_ok=True)
-                    raise FeatureCacheError(
-                        f"feature cache chunk {f} fails its SHA-256 check (changed on disk since it was "
-                        "written): it was removed; run again to re-extract that chunk"
-                    )
-                _VERIFIED.add((str(f), meta["sha256"]))
-            self._arrays[c] = np.load(f, mmap_mode="r", allow_pickle=False)
-        return self._arrays[c]
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": {}}  # memory maps are reopened where unpickled
-
-
-_VERIFIED: set[tuple[str, str]] = set()
-"""Chunk files (path, SHA-256) whose checksum this process has verified."""
-
-
-def open_entry(path: Path) -> CachedFeatures:
-    """The entry at `path` (checked cheaply: manifest readable, chunk files of their recorded size)."""
-    problem = verify(path)
-    if problem is not None:
-        raise FeatureCacheError(f"feature cache entry {path} is unusable: {problem}")
-    return CachedFeatures(path, read_manifest(path))
-
-
-def verify(path: Path, key: dict | None = None) -> str | None:
-    """None when the entry at `path` is complete (and was built from `key`, if given); else what is wrong.
-
-    Cheap: reads the manifest and the chunk files' sizes, not their contents."""
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        return "incomplete: no manifest"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return f"manifest is not valid JSON ({err})"
-    if key is not None and manifest.get("key") != key:
-        return "built from other inputs (key mismatch)"
-    try:
-        chunks, rows = manifest["chunks"], manifest["shape"][0]
-        if sum(c["rows"] for c in chunks) != rows:
-            return f"chunks hold {sum(c['rows'] for c in chunks)} rows, the manifest says {rows}"
-        for c in chunks:
-            f = path / c["file"]
-            if not f.is_file():
-                return f"chunk {c['file']} is missing"
-            if f.stat().st_size != c["bytes"]:
-                return (
-                    f"chunk {c['file']} is {f.stat().st_size} bytes, the manifest says {c['bytes']}"
-                )
-    except (KeyError, TypeError, IndexError) as err:
-        return f"manifest lacks {err}"
-    return None
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest of the entry at `path` ({} when missing or unreadable)."""
-    try:
-        return json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-# -- extraction ----------------------------------------------------------------------------------
-
-
-def extract_chunk(
-    encoder: FrozenEncoder,
-    texts: Sequence[str],
-    layers: list[int],
-    device,
-    token_budget: int | None,
-    max_rows: int | None,
-    where: Callable[[int], str] = lambda r: f"row {r}",
-    advance: Callable[[int], None] = lambda n: None,
-) -> np.ndarray:
-    """Pooled `layers` of `texts` as fp32 `[N, len(layers), d]` (the encoder stops at the deepest layer);
-    NaN or inf from the encoder raises a `FeatureCacheError` naming `where(row)`."""
-    out = np.empty((len(texts), len(layers), encoder.hidden_size), np.float32)
-    for rows, feats in forward_batches(encoder, texts, layers, device, token_budget, max_rows):
-        bad = ~torch.isfinite(feats)
-        if bad.any():
-            r, j = (int(v) for v in bad.nonzero()[0][:2])
-            kind = "NaN" if feats[r, j].isnan().any() else "inf"
-            raise FeatureCacheError(
-                f"encoder {encoder.spec.key} gave {kind} at layer {layers[j]} for {where(rows[r])} "
-                f"(text {texts[rows[r]][:60]!r}): the encoder's own output is not finite; check its "
-                "weights and compute_dtype (e.g. float16 overflow: use bfloat16 or float32)"
-            )
-        out[rows] = feats.numpy()
-        advance(len(rows))
-    return out
-
-
-def extract(
-    encoder: FrozenEncoder,
-    texts: Sequence[str],
-    out: np.ndarray,
-    batch_size: int | None,
-    device,
-    desc: str = "features",
-    sort_by_length: bool = True,
-    token_budget: int | None = None,
-) -> None:
-    """Fill `out[i]` with the pooled layers 0..k of `texts[i]` (`out` is `[N, k+1, d]`; the encoder stops
-    after layer k), in length-sorted batches (longest first) of at most `batch_size` rows and
-    `token_budget` padded tokens. `sort_by_length=False` keeps the given order (only for measuring what
-    bucketing saves)."""
-    layers = list(range(out.shape[1]))
-    with _progress() as bar:
-        task = bar.add_task(f"extract {desc}", total=len(texts))
-        batches = forward_batches(
-            encoder, texts, layers, device, token_budget, batch_size, sort_by_length
-        )
-        for rows, feats in batches:
-            out[rows] = feats.numpy().astype(out.dtype)
-            bar.advance(task, len(rows))
-
-
-def forward_batches(
-    encoder: FrozenEncoder,
-    texts: Sequence[str],
-    layers: list[int],
-    device,
-    token_budget: int | None,
-    max_rows: int | None,
-    sort_by_length: bool = True,
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(rows, fp32 CPU features `[B, len(layers), d]`) per batch of `token_batches` over `texts`."""
-    tok = encoder.tokenizer
-    ids = tok(list(texts), truncation=True, max_length=encoder.max_length)["input_ids"]
-    depth = max(layers)
-    pick = None if layers == list(range(depth + 1)) else torch.tensor(layers)
-    encoder.to(device)
-    with torch.inference_mode():
-        for rows in token_batches([len(i) for i in ids], token_budget, max_rows, sort_by_length):
-            batch = tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-            feats = encoder(
-                batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth
-            )
-            if pick is not None:
-                feats = feats.index_select(1, pick.to(feats.device))
-            yield rows, feats.float().cpu()
-
-
-def token_batches(
-    lengths: Sequence[int],
-    token_budget: int | None,
-    max_rows: int | None = None,
-    sort_by_length: bool = True,
-) -> list[list[int]]:
-    """Row indices in batches (longest rows first) whose padded size, rows x longest row, stays within
-    `token_budget` and whose row count within `max_rows` (None: no bound). A row longer than the budget
-    is a batch of its own."""
-    order = (
-        sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-        if sort_by_length
-        else range(len(lengths))
-    )
-    budget, cap = token_budget or math.inf, max_rows or math.inf
-    batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        wider = max(width, lengths[i])
-        if current and ((len(current) + 1) * wider > budget or len(current) >= cap):
-            batches.append(current)
-            current, wider = [], lengths[i]
-        current.append(i)
-        width = wider
-    if current:
-        batches.append(current)
-    return batches
-
-
-# -- helpers -------------------------------------------------------------------------------------
 
 
 def layer_set(layers: Sequence[int] | None, num_layers: int, encoder: str = "encoder") -> list[int]:
@@ -749,14 +491,6 @@ def texts_fingerprint(texts: Sequence[str], split: str = "texts") -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _on_rank_zero(dist: Distributed, decide: Callable[[], tuple]) -> tuple:
     """`decide()` on rank 0, broadcast to every rank; an error there is raised on every rank."""
     outcome = None
@@ -774,134 +508,29 @@ def _on_rank_zero(dist: Distributed, decide: Callable[[], tuple]) -> tuple:
     return outcome
 
 
-def _write_chunk(build: Path, index: int, array: np.ndarray) -> Path | None:
-    """Write chunk `index` atomically as `<index>.<sha256>.npy` (hashed as written, fsynced)."""
-    tmp = build / f"{_tmp_prefix()}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as fh:
-            writer = _HashingWriter(fh)
-            np.save(writer, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        final = build / f"{index:06d}.{writer.sha.hexdigest()}.npy"
-        os.replace(tmp, final)
-        return final
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise FeatureCacheError(
-                f"disk full while writing feature cache chunk {index} to {build}: free space or set "
-                "model.cache_dir elsewhere (the chunks written so far are kept and resumed)"
-            ) from None
-        if not build.is_dir():
-            return None  # another job renamed the build into place: nothing to add
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class _HashingWriter:
-    """A write-only file object that hashes what passes through it (np.save writes through `write`)."""
-
-    def __init__(self, fh) -> None:
-        self.fh, self.sha = fh, hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        return self.fh.write(data)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary file and a rename."""
-    tmp = path.with_name(f"{_tmp_prefix()}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the names in directory `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _chunk_verified(build: Path, index: int) -> bool:
-    """Whether `build` holds chunk `index` with the content its name says (bad copies are removed)."""
-    for f in build.glob(f"{index:06d}.*.npy"):
-        try:
-            if file_sha256(f) == f.name.split(".")[1]:
-                return True
-        except FileNotFoundError:
-            continue
-        log.warning("feature cache chunk %s fails its checksum: extracting it again", f)
-        f.unlink(missing_ok=True)
-    return False
-
-
-def _chunk_index(f: Path) -> int:
-    return int(f.name.split(".")[0])
-
-
-def _chunk_count(build: Path) -> int:
-    return len(list(build.glob("*.npy")))
-
-
-def _build_dir(path: Path, chunk_rows: int) -> Path:
-    return path.with_name(f".{path.name}.build-{chunk_rows}")
-
-
-def _tmp_prefix() -> str:
-    return f".tmp-{owner_tag()}-"
-
-
-def _entry_layers(path: Path) -> list[int] | None:
-    """The layers an entry directory holds, from its name (`-L<n>`) or its manifest (`-S<hash>`)."""
-    suffix = path.name.rpartition("-")[2]
-    if suffix.startswith("L") and suffix[1:].isdigit():
-        return list(range(int(suffix[1:])))
-    if suffix.startswith("S"):
-        layers = read_manifest(path).get("layers")
-        return layers if isinstance(layers, list) else None
-    return None
-
-
-def _progress():
-    """A rich progress bar with examples/s (drawn on a terminal; the log line after it says the same)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Speed(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.0f} ex/s" if task.speed else "- ex/s")
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Speed(),
-        TimeRemainingColumn(),
-        disable=not sys.stderr.isatty(),
-    )
-
-
 def _safe(name: str) -> str:
     return name.replace("/", "__")
+
+
+__all__ = [
+    "CHUNK_ROWS",
+    "FLOAT16_MAX",
+    "FORMAT_VERSION",
+    "TOKEN_BUDGET",
+    "CacheDtype",
+    "CachedFeatures",
+    "Distributed",
+    "FeatureCache",
+    "FeatureCacheError",
+    "SingleProcess",
+    "extract",
+    "extract_chunk",
+    "file_sha256",
+    "forward_batches",
+    "layer_set",
+    "open_entry",
+    "read_manifest",
+    "texts_fingerprint",
+    "token_batches",
+    "verify",
+]

@@ -1,7 +1,8 @@
 """Classification heads over pooled per-layer features of several encoders.
 
 Every head takes `features: {encoder: [B, L, d]}` (all layers) and returns logits `[B, C]`;
-`layers[encoder]` says which layers it reads.
+`layers[encoder]` says which layers it reads. `represent(features)` is the input of its final linear
+layer (the fused representation `Classifier.encode` returns).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerfusion.errors import ConfigError
+from layerfusion.fusion.lbfgs import fit_lbfgs
 
 HeadKind = Literal[
     "gated",
@@ -100,14 +102,17 @@ class GatedFusionHead(FusionHead):
         return torch.stack(out, dim=1)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.dropout(self.represent(features)))
+
+    def represent(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The gated sum of the projected encoders, `[B, hidden]`."""
         stacked = self.projected(features)  # [B, E, hidden]
         keep = self.encoder_mask(stacked)
         logits = self.gate((stacked * keep.unsqueeze(-1)).flatten(1))
         gate = torch.softmax(logits.masked_fill(keep == 0, float("-inf")), dim=-1)  # [B, E]
         self.last_gate = gate.detach()
         stacked = stacked * keep.unsqueeze(-1)
-        fused = (gate.unsqueeze(-1) * stacked).sum(1)
-        return self.classifier(self.dropout(fused))
+        return (gate.unsqueeze(-1) * stacked).sum(1)
 
     def encoder_mask(self, stacked: torch.Tensor) -> torch.Tensor:
         """`[B, E]` ones, with one encoder zeroed per example with probability `encoder_dropout` (training)."""
@@ -135,8 +140,9 @@ class MixConcatHead(GatedFusionHead):
         del self.gate
         self.classifier = nn.Linear(hidden * len(self.dims), num_classes)
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.dropout(self.projected(features).flatten(1)))
+    def represent(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The projected encoders concatenated, `[B, E * hidden]`."""
+        return self.projected(features).flatten(1)
 
 
 class MeanLayersHead(FusionHead):
@@ -147,7 +153,12 @@ class MeanLayersHead(FusionHead):
         self.mlp = _mlp(sum(dims.values()), hidden, num_classes, dropout)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.mlp(torch.cat([self.selected(features, e).mean(1) for e in self.dims], dim=-1))
+        return self.mlp[-1](self.represent(features))
+
+    def represent(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The MLP's hidden activation, `[B, hidden]`."""
+        x = torch.cat([self.selected(features, e).mean(1) for e in self.dims], dim=-1)
+        return self.mlp[:-1](x)
 
 
 class SingleLayerHead(MeanLayersHead):
@@ -175,9 +186,12 @@ class ConcatHead(FusionHead):
         self.mlp = _mlp(width, hidden, num_classes, dropout)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.mlp(
-            torch.cat([self.selected(features, e).flatten(1) for e in self.dims], dim=-1)
-        )
+        return self.mlp[-1](self.represent(features))
+
+    def represent(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The MLP's hidden activation, `[B, hidden]`."""
+        x = torch.cat([self.selected(features, e).flatten(1) for e in self.dims], dim=-1)
+        return self.mlp[:-1](x)
 
 
 class LinearHead(FusionHead):
@@ -199,6 +213,10 @@ class LinearHead(FusionHead):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.linear(self.inputs(features))
 
+    def represent(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The classifier's input `[B, width]` (as `inputs`)."""
+        return self.inputs(features)
+
     def fit(
         self,
         features: dict[str, torch.Tensor],
@@ -214,25 +232,16 @@ class LinearHead(FusionHead):
         y = torch.as_tensor(labels, dtype=torch.long, device=x.device)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
-        opt = torch.optim.LBFGS(
-            self.linear.parameters(),
-            lr=1,
-            max_iter=max_iter,
+        return fit_lbfgs(
+            self.linear,
+            x,
+            y,
+            l2,
+            max_iter,
             tolerance_grad=tol,
             tolerance_change=1e-12,
             history_size=20,
-            line_search_fn="strong_wolfe",
         )
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(self.linear(x), y) + 0.5 * l2 * self.linear.weight.square().sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        return int(opt.state[opt._params[0]].get("n_iter", 0))
 
 
 HEADS: dict[str, type[FusionHead]] = {

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerfusion.importance.probes import fit_lbfgs
+from layerfusion.fusion.lbfgs import fit_lbfgs
 
 
 class AllLayersLinear(nn.Module):
@@ -43,7 +43,8 @@ def fit_scoring_head(
     shapes = {e: (x.shape[1], x.shape[2]) for e, x in features.items()}
     device = next(iter(features.values())).device
     head = AllLayersLinear(shapes, num_classes, device)
-    return fit_lbfgs(head, features, labels, l2, max_iter)
+    fit_lbfgs(head, features, labels, l2, max_iter)
+    return head.requires_grad_(False)
 
 
 def grad_norm_sums(

@@ -1,10 +1,11 @@
-"""Linear models fitted full-batch with L-BFGS: per-layer probes and the all-layers scoring head."""
+"""Per-layer linear probes, fitted full-batch with L-BFGS (`layerfusion.fusion.lbfgs`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from layerfusion.fusion.lbfgs import fit_lbfgs
 
 
 def probe_accuracy(
@@ -18,9 +19,8 @@ def probe_accuracy(
 ) -> float:
     """Dev accuracy of a linear probe fitted on `train_x [N, d]` alone (features z-scored with train statistics)."""
     train_x, dev_x = standardise(train_x, dev_x)
-    probe = fit_lbfgs(
-        zero_linear(train_x.shape[1], num_classes, train_x.device), train_x, train_y, l2, max_iter
-    )
+    probe = zero_linear(train_x.shape[1], num_classes, train_x.device)
+    fit_lbfgs(probe, train_x, train_y, l2, max_iter)
     with torch.no_grad():
         return (probe(dev_x).argmax(-1) == dev_y).float().mean().item()
 
@@ -38,31 +38,3 @@ def zero_linear(width: int, num_classes: int, device: torch.device | str = "cpu"
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
     return linear
-
-
-def fit_lbfgs(
-    model: nn.Module, inputs, labels: torch.Tensor, l2: float = 1e-3, max_iter: int = 100
-) -> nn.Module:
-    """Minimise mean cross-entropy + `l2`/2 * sum of squared weights (biases free) of `model(inputs)`, full batch."""
-    weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]
-    opt = torch.optim.LBFGS(
-        model.parameters(),
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=10,
-        tolerance_grad=1e-6,
-        tolerance_change=1e-9,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(inputs), labels)
-        loss = loss + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
-        loss.backward()
-        return loss
-
-    with torch.inference_mode(False), torch.enable_grad():
-        opt.step(closure)
-    model.requires_grad_(False)
-    return model

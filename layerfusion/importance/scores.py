@@ -134,7 +134,7 @@ def write_table(
     meta: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write `<stem>.csv` (one row per layer, empty cell = NaN) and `<stem>.json` (`meta` + rows, NaN = null)."""
-    from layerfusion.tracking import write_text
+    from layerfusion.files import write_text
 
     directory = Path(directory)
     buf = io.StringIO(newline="")

@@ -1,10 +1,8 @@
-"""Run files and logger output shared by the callbacks: rank 0 only, W&B-aware, atomic writes."""
+"""Lightning helpers shared by the callbacks: the run directory, gathering rows across ranks, logger
+output (W&B-aware, rank 0 only). Files are written with `layerfusion.files`."""
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from pathlib import Path
 
 import lightning as L
@@ -58,28 +56,3 @@ def log_table(trainer: L.Trainer, key: str, rows: list[dict]) -> None:
             logger.log_table(
                 key=key, columns=columns, data=[[r.get(c) for c in columns] for r in rows]
             )
-
-
-def write_json(path: Path, obj) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
-    return write_text(path, json.dumps(obj, indent=1, default=float))
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    """Write rows of dicts as CSV atomically."""
-    from io import StringIO
-
-    buf = StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [])
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(path, buf.getvalue())
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write text atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -1,0 +1,150 @@
+"""`layerfusion reproduce`: the paper's table (baselines, selection, gated fusion, ablations) from fit configs.
+
+For each experiment config (a normal `layerfusion fit` config, e.g. `configs/experiments/sst2.yaml`):
+
+1. **Extraction**: each encoder alone extracts (or finds cached) its train/dev/test features, with its
+   peak memory measured on its own (`<runs>/<dataset>/extraction.json` keeps the figures of the run that
+   actually extracted). Every training run below then reads the cache, so runs are measured alike.
+2. **Importance** (train/dev only): one `fit` with `limit_train_batches=0` runs the config's
+   `LayerImportance` and `LayerSelection` callbacks and writes `<out>/paper_importance/<dataset>.{csv,json}`.
+   From the table come the `top_k` selection (the config's `LayerSelection`), a `cumulative` selection
+   (`--share`) and each encoder's best layer (highest dev probe accuracy). Linear CKA between every
+   (encoder, layer) pair on dev features: `<out>/paper_cka/<dataset>.{csv,png}`.
+3. **Rows**: every method of `ROWS` is trained with each seed through the same `LightningCLI` path as
+   `layerfusion fit` (config overrides only: seed, encoders, head, layers, callbacks, logger), validated
+   and tested on the best-val_acc checkpoint; `linear_probe` fits a linear head to convergence (full-batch
+   L-BFGS) for each L2 strength of `L2_GRID` and keeps the best on dev. Each run writes `result.json` and
+   `predictions_{val,test}.csv` under `--runs`; a rerun reuses runs whose resolved config is unchanged.
+4. **Tables**: `<out>/paper_table.csv` (one row per dataset x method), `<out>/paper_runs.csv` (every
+   seed), `<out>/paper_complementarity.csv` (encoder pairs) and `<out>/paper_table.md`, written only
+   after every dataset has finished.
+
+Columns: `test_acc_mean/std` (std over seeds, ddof=1; empty for one seed), `test_f1_mean` (macro-F1),
+`val_acc_mean`; `vs`: the best single-encoder row of the dataset, chosen by dev accuracy, and against it
+`diff` (mean test-accuracy difference over seeds), `diff_lo/diff_hi` (paired bootstrap 95 % interval over
+test rows, seed k paired with seed k) and `mcnemar_p_max` (the largest of the per-seed exact McNemar
+p-values); `verdict`: `better` / `worse` when the interval excludes 0, else `n.s.`.
+`extract_s`: cold extraction time of the row's encoders over train/dev/test (cache manifests);
+`extract_peak_mb`: the largest of the row's encoders' extraction peaks; `train_s`: mean head training
+wall time per seed (cache reads included; on a shared machine differences between methods are load, not
+method); `train_peak_mb`: peak memory of a training run (encoders loaded, cached features in memory,
+training, validation and test of the best checkpoint), the largest over seeds. Peak memory is process RSS
+on CPU (reset per run via /proc/self/clear_refs) or CUDA memory allocated on a GPU.
+
+The package: `grid` (methods and columns), `runner` (extraction, importance, head runs), `tables`
+(aggregation, significance, complementarity), `markdown` (the report). Configs are built and hashed by
+`layerfusion.cli.build_cli` / `resolved_config_hash`, as `layerfusion fit` builds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from layerfusion.errors import ConfigError
+from layerfusion.files import write_csv, write_text
+from layerfusion.reproduce.grid import COLUMNS, GROUP, L2_GRID, ROWS, SPLITS, Row
+from layerfusion.reproduce.markdown import markdown
+from layerfusion.reproduce.runner import (
+    extract_features,
+    importance,
+    instantiate,
+    reproduce_dataset,
+    run_one,
+)
+from layerfusion.reproduce.tables import (
+    aggregate,
+    best_single,
+    complementarity,
+    csv_rows,
+    gains,
+    read_runs,
+    significance,
+    table_from_runs,
+)
+
+__all__ = [
+    "COLUMNS",
+    "GROUP",
+    "L2_GRID",
+    "ROWS",
+    "SPLITS",
+    "Row",
+    "aggregate",
+    "best_single",
+    "complementarity",
+    "csv_rows",
+    "extract_features",
+    "gains",
+    "importance",
+    "instantiate",
+    "main",
+    "markdown",
+    "read_runs",
+    "reproduce_dataset",
+    "run_one",
+    "significance",
+    "table_from_runs",
+]
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="layerfusion reproduce",
+        description="Train the paper's table (baselines, selection, gated fusion, ablations) for each "
+        "experiment config and write <out>/paper_table.{csv,md}.",
+    )
+    parser.add_argument("configs", nargs="+", help="experiment configs (layerfusion fit configs)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per row (default: 0 1 2)"
+    )
+    parser.add_argument("--share", type=float, default=0.5, help="cumulative selection share")
+    parser.add_argument("--out", default="results", help="where the tables go")
+    parser.add_argument("--runs", default="runs/reproduce", help="per-run logs and checkpoints")
+    parser.add_argument("--methods", nargs="*", help="only these methods (default: all)")
+    parser.add_argument(
+        "--logger",
+        choices=["csv", "wandb"],
+        default="csv",
+        help="per-run logger: CSV files, or W&B (project layerfusion-reproduce, group = dataset; "
+        "offline unless WANDB_MODE=online)",
+    )
+    args = parser.parse_args(argv)
+    from layerfusion.cli import log_to_stderr
+
+    log_to_stderr()
+    start = time.perf_counter()
+    known = {r.method for r in ROWS}
+    unknown = set(args.methods or []) - known
+    if unknown:
+        raise ConfigError(f"unknown methods {sorted(unknown)}; choose from {sorted(known)}")
+    missing = [p for p in args.configs if not Path(p).is_file()]
+    if missing:  # before any training: a typo in the last config must not surface an hour later
+        raise ConfigError(f"experiment config {', '.join(missing)} does not exist")
+    rows = [r for r in ROWS if not args.methods or r.method in args.methods]
+    out, runs = Path(args.out), Path(args.runs)
+    table, per_run, pairs = [], [], []
+    for path in args.configs:
+        t, r, p = reproduce_dataset(
+            Path(path), rows, args.seeds, args.share, out, runs, args.logger
+        )
+        table += t
+        per_run += r
+        pairs += p
+    wall = time.perf_counter() - start
+    # everything is rendered before anything is written: a failure leaves the old tables intact
+    files = {
+        out / "paper_table.csv": csv_rows(table, COLUMNS),
+        out / "paper_runs.csv": csv_rows(per_run),
+        out / "paper_complementarity.csv": csv_rows(pairs),
+    }
+    text = markdown(table, per_run, pairs, args, wall)
+    for path, content in files.items():
+        write_csv(path, content)
+    write_text(out / "paper_table.md", text)
+    log.info("wrote %s, %s (%.0f s)", out / "paper_table.csv", out / "paper_table.md", wall)
+    return 0

@@ -1,0 +1,278 @@
+"""`layerfusion serve`: one real server process on 127.0.0.1 (a random free port) for the module, serving a
+classifier over two tiny encoders; predictions equal the in-process `Classifier`'s, concurrent clients, every
+bad request gets a 4xx JSON error and the server keeps serving, SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerfusion.classifier import FORMAT, VERSION, Classifier
+from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+from layerfusion.fusion.heads import build_head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LABELS = ["negative", "neutral", "positive"]
+TEXTS = ["a gripping, beautifully acted film", "dull", "it is what it is . " * 20, "ok", "wow"]
+MAX_TEXTS, MAX_BODY = 4, 4096
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, tiny_models) -> Path:
+    """A saved classifier: a gated head (random, seeded) over a tiny BERT (layers 0, 2) and a tiny GPT-2
+    (layer 1 of 0..2: an early exit), fp32 so that batch composition does not change the probabilities."""
+    specs = [
+        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert", compute_dtype="float32"),
+        EncoderSpec(
+            tiny_models["gpt2"], pooling="last", max_length=32, alias="gpt2", compute_dtype="float32"
+        ),
+    ]
+    layers = {"bert": [0, 2], "gpt2": [1]}
+    encoders = {s.key: FrozenEncoder(s) for s in specs}
+    torch.manual_seed(0)
+    head = build_head(
+        "gated",
+        dims={k: e.hidden_size for k, e in encoders.items()},
+        num_layers={k: e.num_layers for k, e in encoders.items()},
+        layers=layers,
+        num_classes=len(LABELS),
+        hidden=16,
+    )
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "label_names": LABELS,
+        "head": "gated",
+        "head_args": {"hidden": 16},
+        "layers": layers,
+        "encoders": [dataclasses.asdict(s) for s in specs],
+        "encoder_ids": {k: e.identity() for k, e in encoders.items()},
+    }
+    out = tmp_path_factory.mktemp("serve") / "clf"
+    return Classifier(config, head.state_dict(), device="cpu").save(out)
+
+
+@pytest.fixture(scope="module")
+def expected(classifier_dir) -> dict[str, np.ndarray]:
+    """The in-process classifier's probabilities per text (columns in label order)."""
+    probs = np.asarray(Classifier.load(classifier_dir, device="cpu").predict_proba(TEXTS))
+    return dict(zip(TEXTS, probs))
+
+
+@pytest.fixture(scope="module")
+def server(classifier_dir, tmp_path_factory):
+    """`python -m layerfusion serve` on a free port of 127.0.0.1, ready; stopped at the end if a test did not."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cwd = tmp_path_factory.mktemp("serve-cwd")
+    stderr = open(cwd / "stderr.txt", "w+")  # noqa: SIM115 (read by the SIGTERM test)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerfusion", "serve", str(classifier_dir), "--port", str(port)]
+        + ["--device", "cpu", "--max-batch-size", "8", "--batch-timeout", "0.05"]
+        + ["--max-texts", str(MAX_TEXTS), "--max-body-bytes", str(MAX_BODY)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            stderr.seek(0)
+            pytest.fail(f"the server exited ({proc.returncode}):\n{stderr.read()[-3000:]}")
+        try:
+            if _request(port, "GET", "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the server was not ready within 180 s")
+        time.sleep(0.5)
+    yield proc, port, stderr, cwd
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    stderr.close()
+
+
+def test_predictions_equal_the_classifier(server, expected, classifier_dir):
+    _, port, _, _ = server
+    status, row = _post(port, {"text": TEXTS[0]})
+    assert status == 200
+    assert set(row) == {"text", "label", "probs"} and row["text"] == TEXTS[0]
+    _assert_row(row, expected)
+    status, body = _post(port, {"texts": TEXTS[:MAX_TEXTS]})
+    assert status == 200 and [r["text"] for r in body["predictions"]] == TEXTS[:MAX_TEXTS]
+    for row in body["predictions"]:
+        _assert_row(row, expected)
+    status, body = _post(port, {"texts": TEXTS[:2], "top_k": 2})
+    for row in body["predictions"]:
+        p = expected[row["text"]]
+        best = np.argsort(-p)[:2]
+        assert list(row["probs"]) == [LABELS[i] for i in best]
+        assert list(row["probs"].values()) == pytest.approx(p[best], abs=1e-5)
+
+    status, info = _request(port, "GET", "/info")
+    model = json.loads(info)["model"]
+    assert status == 200 and model["label_names"] == LABELS
+    saved = json.loads((classifier_dir / "classifier.json").read_text())
+    assert [e["key"] for e in model["encoders"]] == ["bert", "gpt2"]
+    for e in model["encoders"]:
+        for field in ("weights_sha256", "tokenizer_sha256"):
+            assert e[field] == saved["encoder_ids"][e["key"]][field]
+        assert e["layers"] == saved["layers"][e["key"]] and e["compute_dtype"] == "float32"
+    assert model["layerfusion"] and model["serving"]["max_batch_size"] == 8
+
+
+def test_concurrent_clients_each_get_their_own_rows(server, expected):
+    _, port, _, _ = server
+
+    def client(i: int) -> list[tuple[int, dict]]:
+        out = []
+        for j in range(4):
+            k = (i + j) % len(TEXTS)
+            body = {"text": TEXTS[k]} if j % 2 else {"texts": [TEXTS[k], TEXTS[k - 1]]}
+            out.append(_post(port, body))
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(client, range(8)) for r in rs]
+    assert len(results) == 32
+    for status, body in results:
+        assert status == 200
+        for row in body.get("predictions", [body]):
+            _assert_row(row, expected)
+
+
+BAD = [
+    (b"", 400, "no request body"),
+    (b'{"text": "good",', 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+    (b'["good"]', 422, "JSON array, not an object"),
+    (b'{"txt": "good"}', 422, "unknown field(s) ['txt']"),
+    (b'{"top_k": 1}', 422, "neither 'text' and 'texts'"),
+    (b'{"text": 3}', 422, "'text' must be a string, got a JSON number"),
+    (b'{"texts": ["a", null]}', 422, "'texts'[1] must be a string, got a JSON null"),
+    (b'{"texts": "good"}', 422, "'texts' must be a list of strings"),
+    (b'{"text": "  "}', 422, "'text' is empty"),
+    (b'{"texts": []}', 422, "'texts' is empty"),
+    (json.dumps({"texts": ["a"] * (MAX_TEXTS + 1)}).encode(), 422, f"at most {MAX_TEXTS}"),
+    (b'{"text": "a", "top_k": 0}', 422, "'top_k' must be a positive integer"),
+    (json.dumps({"text": "a" * MAX_BODY}).encode(), 413, f"over the {MAX_BODY}-byte limit"),
+]
+
+
+@pytest.mark.parametrize("body, status, detail", BAD, ids=[b[2] for b in BAD])
+def test_bad_request_is_a_4xx_json_error(server, body, status, detail):
+    _, port, _, _ = server
+    got, text = _request(port, "POST", "/predict", body)
+    assert (got, detail in json.loads(text)["detail"]) == (status, True), text
+
+
+def test_clients_that_leave_do_not_block_the_others(server, expected):
+    _, port, _, _ = server
+    with socket.create_connection(("127.0.0.1", port)) as s:  # a body cut short
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\":")
+    for _ in range(3):  # a whole request, then gone before the answer
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            body = json.dumps({"text": TEXTS[1]}).encode()
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+    # a chunked upload with no Content-Length over the limit is refused too
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/predict", body=iter([b"x" * 3000] * 2), encode_chunked=True)
+    assert conn.getresponse().status == 413
+    status, row = _post(port, {"text": TEXTS[2]})
+    assert status == 200
+    _assert_row(row, expected)
+
+
+def test_sigterm_stops_the_server_and_its_workers(server):
+    proc, port, stderr, cwd = server
+    children = _descendants(proc.pid)
+    assert len(children) >= 2  # at least the inference worker and the HTTP server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in children if _alive(p)] == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    stderr.seek(0)
+    lines = stderr.read().splitlines()
+    # the console: one line when ready, one when stopped; no 4xx above was logged, no traceback
+    assert len(lines) == 2 and lines[1] == "layerfusion serve: stopped", lines
+    assert lines[0].startswith("layerfusion serve: ") and f"http://127.0.0.1:{port}" in lines[0]
+    assert proc.stdout.read() == "" and sorted(os.listdir(cwd)) == ["stderr.txt"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    status, text = _request(port, "POST", "/predict", json.dumps(body).encode())
+    return status, json.loads(text)
+
+
+def _assert_row(row: dict, expected: dict[str, np.ndarray]) -> None:
+    p = expected[row["text"]]
+    assert row["label"] == LABELS[int(p.argmax())]
+    assert list(row["probs"]) == LABELS
+    assert list(row["probs"].values()) == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
