@@ -150,37 +150,11 @@ def _lines(file: str) -> Iterator[tuple[str, Callable[[], str]]]:
 
 
 def _rows(path: Path, text_field: str) -> Iterator[tuple[str, Callable[[], str]]]:
-    """The `text_field` of each row of a data file, streamed through the training readers."""
-    from layerfusion.data.readers import (
-        DataError,
-        _field_problem,
-        file_format,
-        load_file,
-        locator,
-        stream_error,
-    )
+    """The `text_field` of each row of a data file, streamed by the training readers (`iter_file`)."""
+    from layerfusion.data import DataError, iter_file
 
-    if not path.is_file():
-        raise DataError(f"--file {path}: no such file")
-    fmt = file_format(path)
-    locate = locator(path, fmt)
-    label_field = "\0no label"  # classify reads the text column only
     try:
-        source = load_file(path, fmt, text_field, label_field, streaming=True)
-        i = 0
-        for batch in source.iter(batch_size=BLOCK_ROWS):
-            if text_field not in batch:
-                raise DataError(
-                    f"{path}: no field '{text_field}' (fields: {sorted(batch)}); "
-                    "give the text column with --text-field"
-                )
-            for text in batch[text_field]:
-                where = lambda i=i: locate(i) if locate else f"{path}, row {i + 1}"  # noqa: E731
-                if not isinstance(text, str) or not text.strip():  # as training says it
-                    raise DataError(f"{where()}: {_field_problem(text, text_field, 'a string', where())}")
-                yield text, where
-                i += 1
-    except LayerFusionError:
-        raise
-    except Exception as err:  # builders raise many types (ArrowInvalid, ParserError, ...)
-        raise stream_error(str(path), err, text_field, label_field) from err
+        for row in iter_file(path, text_field, label_field=None):  # texts checked as in training
+            yield row.text, lambda where=row.where: where
+    except DataError as err:  # the readers name training's option; here it is --text-field
+        raise DataError(str(err).replace("(data.text_field)", "(--text-field)")) from None

@@ -257,7 +257,10 @@ def test_classify_command(trained, tmp_path, capsys):
         main(["classify", str(out), "--file", str(jsonl)])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2
-    assert err == f"layerfusion: error: {jsonl}:2: missing field 'text' (keys present: ['txt'])"
+    assert err == (
+        f"layerfusion: error: {jsonl}:2: missing field 'text' (keys present: ['txt']); "
+        "name the text field (--text-field)"
+    )
 
 
 def _tokens(encoder, texts: list[str]) -> dict[str, torch.Tensor]:

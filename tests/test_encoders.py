@@ -314,3 +314,53 @@ def test_mpnet_attention_runs_through_sdpa_with_eager_results(tiny_models):
     assert len(out.attentions) == 2 and out.attentions[0].shape[-1] == ids.shape[1]
     clone = pickle.loads(pickle.dumps(enc))
     torch.testing.assert_close(clone(ids, mask), fast)
+
+
+def test_early_exit_under_fsdp_stops_outside_every_unit(tiny_models, tmp_path):
+    """Taps registered before FSDP wraps each block: the same layers, and the early exit ends the pass
+    between units, never inside one (a unit left mid-forward keeps its parameters gathered). One process
+    (FSDP runs NO_SHARD there); the unit states are what FSDP itself tracks."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from layerfusion.encoders.frozen import blocks_of
+
+    enc = _encoder(tiny_models["bert"])
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    depths = (1, 2, 0, 1)
+    expected = [enc(batch["input_ids"], batch["attention_mask"], depth=d) for d in depths]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
+    try:
+        with pytest.warns(UserWarning, match="switching to use `NO_SHARD`"):
+            wrapped = FSDP(
+                enc,
+                auto_wrap_policy=ModuleWrapPolicy({type(blocks_of(enc.model)[0])}),
+                device_id=torch.device("cpu"),
+                use_orig_params=True,
+            )
+        for depth, want in zip(depths, expected):
+            got = wrapped(batch["input_ids"], batch["attention_mask"], depth=depth)
+            assert torch.equal(got, want), depth
+            states = [m.training_state.name for m in wrapped.modules() if isinstance(m, FSDP)]
+            assert states == ["IDLE"] * 3, f"depth {depth}: FSDP units {states}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_taps_run_in_a_compiled_model_registered_before_compiling(tiny_models):
+    """`torch.compile` after the taps are registered (the documented order): the same layers, early exit
+    included (the hooks run eagerly: a context variable cannot be traced)."""
+    from layerfusion.encoders.frozen import blocks_of
+
+    enc = _encoder(tiny_models["bert"])
+    batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    expected = [enc(batch["input_ids"], batch["attention_mask"], depth=d) for d in (2, 1)]
+    for block in blocks_of(enc.model):  # each block compiled in place, its hooks with it
+        block.compile(backend="eager")
+    try:
+        for depth, want in zip((2, 1), expected):
+            got = enc(batch["input_ids"], batch["attention_mask"], depth=depth)
+            assert torch.equal(got, want), depth
+    finally:
+        torch._dynamo.reset()
