@@ -70,7 +70,7 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     assert 0.6 < test_acc <= 1.0
     assert records["test"][1]["history"]["test_acc"] == [pytest.approx(test_acc, abs=1e-6)]
     fit_dir, record = records["fit"]
-    assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_0" in record["history"]
+    assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_negative" in record["history"]
     assert record["config"]["config"]["model"]["head"] == "gated"  # the full resolved config
     assert "resources/train_s" in record["history"] and "resources/extract_s" in record["history"]
     assert list((fit_dir / "files" / "media" / "images" / "val").glob("confusion_matrix*.png"))
@@ -146,7 +146,7 @@ def test_without_a_logger_the_run_files_are_still_written_and_reported(
         "resources.json",
     ):
         assert (out / name).is_file(), name
-    assert "val_f1_1" in (out / "metrics_val.csv").read_text()
+    assert "val_f1_positive" in (out / "metrics_val.csv").read_text()  # sst2: named labels
     best = out / "checkpoints" / "best.ckpt"  # ModelCheckpoint's dirpath is set in the config
     cli_main(["test", *no_logger, "--ckpt_path", str(best)])
     assert not (out / "wandb").exists()

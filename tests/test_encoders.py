@@ -364,3 +364,24 @@ def test_taps_run_in_a_compiled_model_registered_before_compiling(tiny_models):
             assert torch.equal(got, want), depth
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_one_tokenize_and_batched_forward_equal_the_paths_they_replace(tiny_models, arch):
+    """`encoders.forward`: `tokenize` gives what the tokenizer's own padded call gives, and
+    `forward_batches` what the cache's extraction gives, bit for bit (same batches, same layers)."""
+    from layerfusion.encoders import forward
+    from layerfusion.features import extraction
+
+    enc = _encoder(tiny_models[arch], "last" if arch == "gpt2" else "mean", max_length=12)
+    texts = [*TEXTS, "", "x " * 40]
+    ours = enc.tokenize(texts)
+    theirs = enc.tokenizer(texts, truncation=True, max_length=12, padding=True, return_tensors="pt")
+    assert ours.keys() == {"input_ids", "attention_mask"}
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    args = (enc, texts, [0, 2], "cpu", 40, 3)
+    new, old = list(forward.forward_batches(*args)), list(extraction.forward_batches(*args))
+    assert [rows for rows, _ in new] == [rows for rows, _ in old] and len(new) > 1
+    for (_, a), (_, b) in zip(new, old):
+        assert torch.equal(a, b)

@@ -9,13 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerfusion.data.datamodule import Collator
-from layerfusion.data.readers import DataError, read_jsonl
+from layerfusion.data.readers import DataError, read_file, read_jsonl
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-# every read goes through a `datasets` builder (~0.2 s each): fewer, still varied, examples
-READER_SETTINGS = settings(SETTINGS, max_examples=40)
+READER_SETTINGS = settings(SETTINGS, max_examples=80)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
@@ -65,6 +64,36 @@ def test_reader_returns_examples_or_a_data_error(tmp_path, lines):
     assert len(ex.texts) == len(ex.labels) > 0
     assert all(isinstance(t, str) and t.strip() for t in ex.texts)
     assert all(isinstance(lab, str) for lab in ex.labels)
+
+
+@READER_SETTINGS
+@given(
+    cells=st.lists(
+        st.lists(st.text(alphabet=st.sampled_from('ab ,\t"\n\r\ufeff'), max_size=6), max_size=4),
+        max_size=6,
+    ),
+    suffix=st.sampled_from([".csv", ".tsv", ".csv.gz"]),
+)
+def test_delimited_files_give_examples_or_a_data_error(tmp_path, cells, suffix):
+    """CSV / TSV of arbitrary quotes, separators and newlines: examples whose line numbers are real lines
+    of the file, or a `DataError` that names the file, never another exception."""
+    import gzip
+
+    sep = "\t" if suffix == ".tsv" else ","
+    body = "text" + sep + "label\n" + "\n".join(sep.join(row) for row in cells)
+    path = tmp_path / f"fuzz{suffix}"
+    data = body.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    try:
+        ex = read_file(path)
+    except DataError as err:
+        assert str(err).startswith(str(path))
+        return
+    n_lines = body.count("\n") + 1
+    for i in range(len(ex)):
+        where = ex.where(i)
+        assert where.startswith(f"{path}:") and 2 <= int(where.rsplit(":", 1)[1]) <= n_lines
+    assert all(t.strip() for t in ex.texts) and all(lab and lab.strip() for lab in ex.labels)
 
 
 @pytest.fixture(scope="module")

@@ -273,7 +273,7 @@ def test_quoted_tsv_cells_are_kept_with_a_warning(tmp_path, caplog):
         ex = read_file(path)
     assert ex.texts == ["plain", '"a, quoted"', '"another"']
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and re.match(r".*pandas\.tsv:3: the text is wrapped in quotes", warnings[0])
+    assert len(warnings) == 1 and re.match(r".*pandas\.tsv:3: a cell is wrapped in quotes", warnings[0])
 
 
 # -- 7. a split of several files pickles (ddp_spawn, DataLoader workers) -------------------------------

@@ -207,6 +207,16 @@ def test_clients_that_leave_do_not_block_the_others(server, expected):
     _assert_row(row, expected)
 
 
+def test_an_idle_server_uses_no_cpu(server):
+    """No busy polling while no request comes (LitServe 0.2.19's batched loop polls every millisecond)."""
+    proc, _, _, _ = server
+    pids = [proc.pid, *_descendants(proc.pid)]
+    before = sum(_cpu_ticks(p) for p in pids)
+    time.sleep(4)
+    ticks = sum(_cpu_ticks(p) for p in pids) - before
+    assert ticks < 0.05 * 4 * os.sysconf("SC_CLK_TCK"), f"{ticks} CPU ticks in 4 idle seconds"
+
+
 def test_sigterm_stops_the_server_and_its_workers(server):
     proc, port, stderr, cwd = server
     children = _descendants(proc.pid)
@@ -268,6 +278,14 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         frontier = kids
     return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def _alive(pid: int) -> bool:

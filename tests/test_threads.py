@@ -24,15 +24,15 @@ def _texts(thread: int) -> list[str]:
     return [" ".join(words[: 1 + (thread * 3 + i) % len(words)]) * (1 + thread) for i in range(5)]
 
 
-def _run_concurrently(work, args: list) -> tuple[list, list[BaseException]]:
-    """`work(arg)` CALLS times per arg, each arg in its own thread, all released together."""
+def _run_concurrently(work, args: list, calls: int = CALLS) -> tuple[list, list[BaseException]]:
+    """`work(arg)` `calls` times per arg, each arg in its own thread, all released together."""
     barrier = threading.Barrier(len(args))
     results: list = [[] for _ in args]
     errors: list[BaseException] = []
 
     def loop(i: int) -> None:
         barrier.wait()
-        for _ in range(CALLS):
+        for _ in range(calls):
             try:
                 results[i].append(work(args[i]))
             except BaseException as err:  # collected: the test reports how many calls failed
@@ -110,3 +110,23 @@ def test_encoder_called_from_threads_at_different_depths_equals_serial(classifie
         for out in calls:
             assert out.shape == serial[t].shape
             torch.testing.assert_close(out, serial[t], atol=1e-6, rtol=0)
+
+
+def test_tokenize_from_threads_with_different_max_lengths(classifier):
+    """A fast tokenizer keeps each call's truncation on the shared object: concurrent calls with other
+    settings must still each get their own (the one tokenize function serialises them)."""
+    from layerfusion.encoders.forward import tokenize
+
+    tokenizer = classifier.encoders["bert"].tokenizer
+    texts = ["word " * 100] * 32
+    lengths = [16, 24, 32, 40]
+
+    def work(max_length):
+        return tokenize(tokenizer, texts, max_length)["input_ids"].shape[1]
+
+    results, errors = _run_concurrently(work, lengths, calls=10)
+    assert not errors, errors[:2]
+    wrong = [(n, got) for n, calls in zip(lengths, results) for got in calls if got != n]
+    assert not wrong, (
+        f"{len(wrong)} of {len(lengths) * 10} calls got another call's length: {wrong[:4]}"
+    )

@@ -139,7 +139,7 @@ def iter_file(
             raise DataError(f"{row.where}: {_missing_label(path, fmt, row, label_field)}")
         yield row
     if n == 0:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{path}: no examples (the file has no data rows)")
 
 
 def read_file(
@@ -248,27 +248,39 @@ def _object_row(
     obj, path: Path, line: int, i: int, text_field: str, label_field: str | None, escaped: bool
 ) -> Row:
     """One JSON value as a row (`escaped`: the line has `\\u` escapes, the only way to a lone surrogate)."""
-    row = Row("", None, str(path), line, i)
+    try:
+        text = obj[text_field]
+        label = None if label_field is None else label_str(obj.get(label_field))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        text = label = None  # the checks below say what is wrong
+    problem = None
+    if text.__class__ is not str or not text.strip() or (escaped and _SURROGATE.search(text)):
+        problem = _object_problem(obj, text_field, label_field)
+    if problem:
+        where = f"{path}:{line}" if line else f"{path}, row {i + 1}"
+        raise DataError(f"{where}: {problem}")
+    return Row(text, label, str(path), line, i)
+
+
+def _object_problem(obj, text_field: str, label_field: str | None) -> str | None:
+    """What is wrong with one JSON row (None: nothing)."""
     if not isinstance(obj, dict):
-        raise DataError(f"{row.where}: expected a JSON object, got {_json_kind(obj)}")
+        return f"expected a JSON object, got {_json_kind(obj)}"
     if text_field not in obj:
-        raise DataError(
-            f"{row.where}: missing field '{text_field}' (keys present: {sorted(obj)}); "
+        return (
+            f"missing field '{text_field}' (keys present: {sorted(obj)}); "
             "name the text field (data.text_field)"
         )
     text = obj[text_field]
     problem = text_problem(text, text_field)
-    if problem is None and escaped and _SURROGATE.search(text):
+    if problem is None and _SURROGATE.search(text):
         problem = surrogate_problem(text, text_field)
-    if problem:
-        raise DataError(f"{row.where}: {problem}")
-    label = None
-    if label_field is not None:
+    if problem is None and label_field is not None:
         try:
-            label = label_str(obj.get(label_field))
+            label_str(obj.get(label_field))
         except ValueError as err:
-            raise DataError(f"{row.where}: field '{label_field}' {err}") from None
-    return row._replace(text=text, label=label)
+            problem = f"field '{label_field}' {err}"
+    return problem
 
 
 def _csv_rows(
@@ -301,16 +313,18 @@ def _csv_rows(
             if len(record) != len(header):
                 raise DataError(f"{path}:{line}: {_width_problem(fmt, header, record)}")
             text = record[ti]
-            if fmt == "tsv" and not warned and len(text) > 1 and text[0] == text[-1] == '"':
-                warned = True
-                log.warning(
-                    "%s:%d: the text is wrapped in quotes (%s...); TSV is read unquoted, as GLUE writes it, "
-                    "so the quotes stay in the text: write the file without quoting (pandas: "
-                    "quoting=csv.QUOTE_NONE) or save it as .csv",
-                    path,
-                    line,
-                    text[:20],
-                )
+            if fmt == "tsv" and not warned:
+                quoted = [c for c in (text, record[li] if li is not None else "") if _wrapped(c)]
+                if quoted:
+                    warned = True
+                    log.warning(
+                        "%s:%d: a cell is wrapped in quotes (%s); TSV is read unquoted, as GLUE writes "
+                        "it, so the quotes stay in the text and labels: write the file without quoting "
+                        "(pandas: quoting=csv.QUOTE_NONE) or save it as .csv",
+                        path,
+                        line,
+                        quoted[0][:30],
+                    )
             problem = text_problem(text, text_field)
             if problem:
                 raise DataError(f"{path}:{line}: {problem}")
@@ -404,8 +418,14 @@ def _columns(
     return names.index(text_field), li
 
 
+def _wrapped(cell: str) -> bool:
+    return len(cell) > 1 and cell[0] == cell[-1] == '"'
+
+
 def _width_problem(fmt: str, header: list[str], record: list[str]) -> str:
     found = f"expected {len(header)} fields as in the header {header}, found {len(record)}"
+    if fmt == "csv" and any("\n" in cell for cell in record):
+        return f"{found}: a quoted cell runs over {sum(c.count(chr(10)) for c in record)} line(s); is a closing quote missing?"
     if fmt == "tsv" and any(cell.startswith('"') for cell in record):
         opened = record[-1].startswith('"') and not record[-1].endswith('"')
         cause = "a newline inside a quoted cell" if opened else "a tab inside a quoted cell"

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -123,6 +123,13 @@ class FrozenEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask` of `texts` for this encoder (its `max_length`, padded to the
+        longest); thread-safe (`layerfusion.encoders.forward.tokenize`)."""
+        from layerfusion.encoders.forward import tokenize
+
+        return tokenize(self.tokenizer, texts, self.max_length)
 
     def forward(
         self,

@@ -37,19 +37,14 @@ def encoder_attention_entropy(
     """
     sums = torch.zeros(encoder.num_layers, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    model, tok = encoder.model, encoder.tokenizer
+    model = encoder.model
     extra = {"use_cache": False} if model.config.model_type in DECODERS else {}
     encoder.to(device)
     _register_output_capture(model)
     with eager_attention(model), torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tok(
-                texts[start : start + batch_size],
-                truncation=True,
-                max_length=encoder.max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
+            batch = encoder.tokenize(texts[start : start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
             mask = batch["attention_mask"]
             out = model(
                 input_ids=batch["input_ids"], attention_mask=mask, output_attentions=True, **extra
