@@ -65,7 +65,8 @@ class LayerFusionCLI(LightningCLI):
 
 
 def check_checkpoint_encoders(checkpoint: dict, model_config, path) -> None:
-    """Refuse a checkpoint whose encoders differ from the config's on `name` or `trust_remote_code`."""
+    """Refuse a checkpoint whose encoders differ from the config's on `name`, `revision` or
+    `trust_remote_code` (Lightning would otherwise load the checkpoint's values over the config's)."""
     saved = (checkpoint.get("hyper_parameters") or {}).get("encoders")
     if saved is None or model_config is None:
         return
@@ -78,7 +79,7 @@ def check_checkpoint_encoders(checkpoint: dict, model_config, path) -> None:
             f"{[e.get('name') for e in configured]}"
         )
     for i, (theirs, ours) in enumerate(zip(saved, configured)):
-        for field in ("name", "trust_remote_code"):
+        for field in ("name", "revision", "trust_remote_code"):
             default = False if field == "trust_remote_code" else None
             if theirs.get(field, default) != ours.get(field, default):
                 raise ConfigError(
