@@ -20,7 +20,7 @@ from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.checkpoint import read_checkpoint  # noqa: F401 (public here too)
 from layerfusion.errors import CheckpointError, ConfigError, LayerFusionError
-from layerfusion.features.cache import TOKEN_BUDGET, extract_chunk
+from layerfusion.features.extraction import TOKEN_BUDGET, extract_chunk
 from layerfusion.files import fsync_dir, remove_temp_leftovers, temp_path
 from layerfusion.fusion.heads import HEADS, build_head
 
