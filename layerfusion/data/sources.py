@@ -131,6 +131,11 @@ class SplitSource:
         i = 0
         try:
             for batch in ds.iter(batch_size=READ_BATCH):
+                if text_field not in batch:
+                    raise DataError(
+                        f"{self.name}: no field '{text_field}' (fields: {list(batch)}); "
+                        "set data.text_field to the text column"
+                    )
                 texts = batch[text_field]
                 labels = batch.get(label_field) or [None] * len(texts)
                 for text, value in zip(texts, labels):
