@@ -54,9 +54,8 @@ class PredictionWriter(BasePredictionWriter):
         self._names = list(pl_module.label_names)
         self._last, self._problem = -1, None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if trainer.is_global_zero:  # what killed runs of this host left
-            remove_temp_leftovers(self.path)
-            remove_dead_leftovers(self.path.parent, _parts_prefix(self.path))
+        if trainer.is_global_zero:
+            self.remove_leftovers()
         if trainer.world_size == 1:
             self._parts = None
             tmp = temp_path(self.path)
@@ -68,6 +67,12 @@ class PredictionWriter(BasePredictionWriter):
             self._parts.mkdir(exist_ok=True)
             tmp = self._parts / f"rank{trainer.global_rank}.jsonl"
         self._out = open(tmp, "w", encoding="utf-8")
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove the temporary outputs and part directories that killed runs of this host left beside
+        `path` (those of live processes stay); return them."""
+        parts = remove_dead_leftovers(self.path.parent, _parts_prefix(self.path))
+        return remove_temp_leftovers(self.path) + parts
 
     @override
     def write_on_batch_end(

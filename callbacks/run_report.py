@@ -29,7 +29,7 @@ class RunReport(L.Callback):
         if bad:
             raise ValueError(f"RunReport splits must be 'val' and/or 'test', got {sorted(bad)}")
         self.splits = tuple(splits)
-        self._rows: dict[str, list[torch.Tensor]] = {}
+        self._rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -85,18 +85,20 @@ class RunReport(L.Callback):
             if gate is not None and len(gate) == n
             else torch.zeros(n, 0, device=batch["labels"].device)
         )
-        cols = [
-            batch["index"].unsqueeze(1).float(),
-            batch["labels"].unsqueeze(1).float(),
-            outputs["preds"].unsqueeze(1).float(),
-            gate,
-        ]
-        self._rows[split].append(torch.cat(cols, dim=1))
+        cols = (batch["index"], batch["labels"], outputs["preds"])
+        ids = torch.stack([c.long() for c in cols], dim=1)
+        self._rows[split].append((ids, gate))  # row numbers stay exact (int64) beyond 2**24
 
     def _report(self, split: str, trainer: L.Trainer, pl_module) -> None:
         if split not in self.splits or not self._rows.get(split):
             return
-        rows = gather_rows(pl_module, torch.cat(self._rows[split])).cpu().numpy()
+        rows = gather_rows(pl_module, torch.cat([i for i, _ in self._rows[split]])).cpu().numpy()
+        gate = torch.cat([g for _, g in self._rows[split]])
+        gate = (
+            (gather_rows(pl_module, gate) if gate.shape[1] else gate.new_zeros(len(rows), 0))
+            .cpu()
+            .numpy()
+        )
         _, first = np.unique(rows[:, 0], return_index=True)
         if len(first) != len(rows):  # checked on every rank, so that every rank stops
             raise RuntimeError(
@@ -104,16 +106,16 @@ class RunReport(L.Callback):
             )
         if not trainer.is_global_zero:
             return
-        rows = rows[first]
+        rows, gate = rows[first], gate[first]
         names = pl_module.label_names
         matrix = np.zeros((len(names), len(names)), dtype=np.int64)
-        np.add.at(matrix, (rows[:, 1].astype(int), rows[:, 2].astype(int)), 1)
+        np.add.at(matrix, (rows[:, 1], rows[:, 2]), 1)
         per_class = _per_class_f1(matrix)
         metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}_")
         }
         metrics.update({f"{split}_f1_{name}": f for name, f in zip(names, per_class)})
-        gates = rows[:, 3:].mean(0) if rows.shape[1] > 3 else []
+        gates = gate.mean(0) if gate.shape[1] else []
         metrics.update(
             {f"{split}_gate_{enc}": float(g) for enc, g in zip(pl_module.encoders, gates)}
         )

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.errors import CheckpointError, ConfigError, LayerFusionError
-from layerfusion.features.cache import TOKEN_BUDGET, extract_chunk
+from layerfusion.features.extraction import TOKEN_BUDGET, extract_chunk
 from layerfusion.files import fsync_dir, remove_temp_leftovers, temp_path
 from layerfusion.fusion.heads import HEADS, build_head
 
@@ -313,10 +313,17 @@ class Classifier:
             out = self._run(rows, lambda f: self.head.represent(f).float(), lambda i: f"texts[{i}]")
             out = _normalize(out) if normalize_embeddings else out
             return out[0] if single else out
-        layers = {}
-        for key in self.encoders:
-            pick = self.layers[key]
-            part = self._run(rows, lambda f, key=key, pick=pick: f[key][:, pick], lambda i: f"texts[{i}]")
+        # one pass over the encoders: every encoder's selected layers side by side, split afterwards
+        flat = self._run(
+            rows,
+            lambda f: torch.cat([f[k][:, self.layers[k]].flatten(1) for k in self.encoders], 1),
+            lambda i: f"texts[{i}]",
+        )
+        layers, start = {}, 0
+        for key, encoder in self.encoders.items():
+            shape = (len(self.layers[key]), encoder.hidden_size)
+            part = flat[:, start : start + shape[0] * shape[1]].reshape(len(rows), *shape)
+            start += shape[0] * shape[1]
             layers[key] = _normalize(part) if normalize_embeddings else part
         return {k: v[0] for k, v in layers.items()} if single else layers
 

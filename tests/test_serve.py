@@ -207,6 +207,16 @@ def test_clients_that_leave_do_not_block_the_others(server, expected):
     _assert_row(row, expected)
 
 
+def test_an_idle_server_uses_no_cpu(server):
+    """No busy polling while no request comes (LitServe 0.2.19's batched loop polls every millisecond)."""
+    proc, _, _, _ = server
+    pids = [proc.pid, *_descendants(proc.pid)]
+    before = sum(_cpu_ticks(p) for p in pids)
+    time.sleep(4)
+    ticks = sum(_cpu_ticks(p) for p in pids) - before
+    assert ticks < 0.05 * 4 * os.sysconf("SC_CLK_TCK"), f"{ticks} CPU ticks in 4 idle seconds"
+
+
 def test_sigterm_stops_the_server_and_its_workers(server):
     proc, port, stderr, cwd = server
     children = _descendants(proc.pid)
@@ -225,6 +235,26 @@ def test_sigterm_stops_the_server_and_its_workers(server):
     assert len(lines) == 2 and lines[1] == "layerfusion serve: stopped", lines
     assert lines[0].startswith("layerfusion serve: ") and f"http://127.0.0.1:{port}" in lines[0]
     assert proc.stdout.read() == "" and sorted(os.listdir(cwd)) == ["stderr.txt"]
+
+
+def test_startup_errors_are_one_line(classifier_dir, tmp_path, capsys):
+    from layerfusion.__main__ import main
+
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        port, free_port = taken.getsockname()[1], free.getsockname()[1]
+        free.close()
+        for model, at, problem in [
+            (tmp_path / "x.ckpt", free_port, f"checkpoint {tmp_path / 'x.ckpt'} not found"),
+            (classifier_dir, port, f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+        ]:
+            with pytest.raises(SystemExit) as exit_:
+                main(["serve", str(model), "--port", str(at)])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and err.startswith(f"layerfusion: error: {problem}"), err
+            assert err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -268,6 +298,14 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         frontier = kids
     return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def _alive(pid: int) -> bool:

@@ -1,4 +1,5 @@
-"""On-disk cache of pooled per-layer features: chunked, resumable, checksummed, memory-mapped."""
+"""The feature cache proper: keys, which entry serves a request, and building one (resumable, shared by
+concurrent jobs and DDP ranks). See docs/cache.md."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -21,19 +21,22 @@ from layerfusion.errors import ConfigError, LayerFusionError
 from layerfusion.features.entry import (
     CachedFeatures,
     FeatureCacheError,
-    _build_dir,
-    _chunk_count,
-    _chunk_index,
-    _chunk_verified,
-    _entry_layers,
-    _tmp_prefix,
-    _write_chunk,
+    build_dir,
+    chunk_verified,
+    entry_layers,
     file_sha256,
+    has_chunk,
+    list_chunks,
     open_entry,
+    publish,
     read_manifest,
+    reclaim,
+    tmp_prefix,
     verify,
+    write_chunk,
 )
 from layerfusion.features.extraction import (
+    FEATURES_VERSION,
     FLOAT16_MAX,
     TOKEN_BUDGET,
     _progress,
@@ -42,77 +45,40 @@ from layerfusion.features.extraction import (
     forward_batches,
     token_batches,
 )
-from layerfusion.files import atomic_write, fsync_dir, remove_dead_leftovers
+from layerfusion.features.locks import EntryLock
+from layerfusion.files import remove_dead_leftovers
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
 CacheDtype = Literal["float16", "float32"]
+CHUNK_BYTES = 128 * 2**20
+"""Bytes of one chunk at most, as extracted (float32 rows x layers x hidden): the memory a chunk holds
+until written. 128 MiB is 3,360 rows of MPNet's 13 layers x 768 and 248 rows of a 33-layer 4096-wide
+decoder (whose 4,096 rows would be 2.2 GB)."""
 CHUNK_ROWS = 4096
-"""Rows per chunk file. A kill loses at most the chunk in progress (4096 rows: about a minute of MPNet on
-two CPU cores, seconds on a GPU); the chunk is held in fp32 until written (4096 x 13 x 768 x 4 B = 164 MB
-for MPNet's every layer); a million rows make ~250 files; length sorting within a chunk packs batches as
-tightly as sorting the whole split."""
-
-
-# -- process groups ----------------------------------------------------------------------------
-
-
-class Distributed(Protocol):
-    """What the cache needs of a process group (a Lightning strategy or Fabric has it)."""
-
-    global_rank: int
-    world_size: int
-
-    def broadcast(self, obj, src: int = 0): ...
-
-
-class SingleProcess:
-    """The process group of one process."""
-
-    global_rank = 0
-    world_size = 1
-
-    def broadcast(self, obj, src: int = 0):
-        return obj
+"""Rows of one chunk at most (`model.cache_chunk_rows`): the unit a killed extraction resumes from (4096
+rows: about a minute of MPNet on two CPU cores, seconds on a GPU); a million rows make ~250 files; length
+sorting within a chunk packs batches as tightly as sorting the whole split."""
 
 
 class FeatureCache:
     """Pooled features `[N, len(layers), d]` of one (encoder, split, layer set), keyed by everything they
     depend on, stored in checksummed chunks that a killed extraction resumes from.
 
-    Key (`key`): encoder content (weights, buffers, config: `FrozenEncoder.fingerprint`), tokenizer
-    (definition, padding and truncation side), transformers major.minor, max length, pooling, weight
-    dtype and the precision the encoder computed in, storage dtype, the texts (SHA-256, length-prefixed),
-    the split name, the row count and the exact sorted layer set (absolute indices; None = all layers).
+    Key (`key`): the features version (`FEATURES_VERSION`: the code that computes features), encoder
+    content (weights, buffers, config), tokenizer, transformers major.minor, max length, pooling, weight
+    and compute dtypes, storage dtype, the texts (SHA-256), the split, the row count and the layer set.
 
-    Entry: `<root>/<encoder>/<split>-<digest>-L<n>` holds layers 0..n-1 (n = all layers: the all-layer
-    entry), `...-S<hash>` any other set. It holds `manifest.json` (key, layers, shape, dtype, chunk
-    rows, each chunk's file, rows, dtype, bytes and SHA-256, `build_seconds`, `compute_reason`) and the
-    chunk files `<index>.<sha256>.npy`, each `chunk_rows` rows (the last fewer). A request is served by
-    the smallest complete entry whose layer set contains it (the all-layer entry serves every subset),
-    without extraction; otherwise only the requested layers are extracted, each encoder stopping at the
-    deepest one (early exit).
+    Entry: `<root>/<encoder>/<split>-<digest>-L<n>` (layers 0..n-1) or `...-S<hash>` (another layer set):
+    `manifest.json` and chunk files `<index>.<sha256>.npy` of `chunk_rows` rows (the last fewer). A
+    request is served by the smallest complete entry holding its layers, else only those are extracted.
 
-    Build: chunks are written to `.<entry>.build-<chunk_rows>` beside the entry, each to a temporary name,
-    fsynced and renamed to its content hash (so a chunk file is complete or absent, and two jobs with the
-    same key never delete each other's chunks); a restarted build keeps every chunk whose hash verifies and
-    extracts the others. Chunks are tokenised one at a time and run in length-sorted batches of at most
-    `token_budget` padded tokens (and `batch_size` rows, if set). When all chunks exist, the manifest is
-    written (fsynced) and the build directory renamed into place. Free disk space is checked first.
-
-    DDP (`dist`: a Lightning strategy or anything with `global_rank`, `world_size`, `broadcast`): rank 0
-    decides hit or build and broadcasts it; the ranks share out the missing chunks (a fresh build: chunk i
-    on rank i % world) and verify the others; rank 0 writes the manifest; a failure on any rank is raised
-    on every rank. `root` must be a filesystem all ranks see.
-
-    Checks: at open, the manifest matches the key and every chunk file has its recorded size (cheap); each
-    chunk's SHA-256 is verified the first time a process reads it. A damaged entry is turned back into a
-    build directory and its bad chunks re-extracted; a chunk that fails its checksum on read is removed and
-    the read fails with a `FeatureCacheError` (the next run re-extracts that chunk). Pooled values that
-    are not finite in float16 make that chunk float32 (the entry then reads as float32; the manifest and
-    one log line say so); NaN or inf from the encoder itself is an error naming encoder, split and row.
-    """
+    Build: into `.<entry>.build-<chunk_rows>` beside the entry; jobs (and DDP ranks) sharing `root` claim
+    chunks through file locks, so each chunk is extracted once; the first job to see every chunk writes
+    the manifest and renames the build into place. A restarted build keeps every chunk whose hash
+    verifies. DDP (`dist`): rank 0 decides and finishes, ranks share out the chunks, a failure on any rank
+    is raised on every rank. docs/cache.md has the whole contract."""
 
     def __init__(
         self,
@@ -121,6 +87,7 @@ class FeatureCache:
         batch_size: int | None = None,
         token_budget: int | None = TOKEN_BUDGET,
         chunk_rows: int = CHUNK_ROWS,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         if dtype not in ("float16", "float32"):
             raise ConfigError(f"cache dtype must be 'float16' or 'float32', got {dtype!r}")
@@ -128,6 +95,7 @@ class FeatureCache:
             ("batch_size", batch_size),
             ("token_budget", token_budget),
             ("chunk_rows", chunk_rows),
+            ("chunk_bytes", chunk_bytes),
         ):
             if value is not None and (int(value) != value or value < 1):
                 raise ConfigError(f"feature cache {name} must be an integer >= 1, got {value!r}")
@@ -136,7 +104,13 @@ class FeatureCache:
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.chunk_rows = int(chunk_rows)
+        self.chunk_bytes = int(chunk_bytes)
         self.last_build_seconds: float = 0.0
+
+    def rows_per_chunk(self, layers: int, dim: int) -> int:
+        """Rows per chunk for `layers` x `dim` features: at most `chunk_rows`, and at most as many float32
+        rows as fit in `chunk_bytes` (at least one)."""
+        return max(1, min(self.chunk_rows, self.chunk_bytes // (layers * dim * 4)))
 
     # -- keys and entries ------------------------------------------------------------------------
 
@@ -153,6 +127,7 @@ class FeatureCache:
 
         return {
             "format": FORMAT_VERSION,
+            "features": FEATURES_VERSION,
             "encoder": encoder.spec.name,
             "weights_sha256": encoder.fingerprint(),
             "tokenizer_sha256": encoder.tokenizer_fingerprint(),
@@ -177,26 +152,39 @@ class FeatureCache:
             suffix = "S" + hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:12]
         return self._stem(key).with_name(f"{self._stem(key).name}-{suffix}")
 
-    def find(self, key: dict) -> Path | None:
+    def find(self, key: dict, repair: bool = True) -> Path | None:
         """The smallest complete entry holding every layer of `key` (same inputs otherwise), or None.
 
-        A damaged entry for exactly `key` is turned back into a build directory (its good chunks are kept).
-        Only one process of a group may call this (it may move entries)."""
+        With `repair`, a damaged entry for exactly `key` (also one whose manifest is unreadable) is turned
+        back into a build directory that keeps its chunks: call holding the entry's finish lock."""
         wanted, exact = set(key["layers"]), self.entry_dir(key)
         found = []
         stem = self._stem(key)
         for path in stem.parent.glob(f"{stem.name}-*"):
-            held = _entry_layers(path)
+            held = entry_layers(path)
             if held is not None and wanted <= set(held):
                 found.append((len(held), path.name, path, held))
         for _, _, path, held in sorted(found):
             problem = verify(path, {**key, "layers": held})
             if problem is None:
                 return path
-            action = "rebuilding it" if path == exact else "not using it"
-            log.warning("feature cache entry %s is unusable (%s): %s", path, problem, action)
+            if not repair:
+                continue
+            log.warning(
+                "feature cache entry %s is unusable (%s): %s",
+                path,
+                problem,
+                "rebuilding what fails verification" if path == exact else "not using it",
+            )
             if path == exact:
-                self._reclaim(path, key)
+                reclaim(path, key)
+        if repair and exact.is_dir():  # an -S entry whose manifest cannot say which layers it holds
+            log.warning(
+                "feature cache entry %s is unusable (%s): rebuilding what fails verification",
+                exact,
+                verify(exact, key),
+            )
+            reclaim(exact, key)
         return None
 
     def _stem(self, key: dict) -> Path:
@@ -234,7 +222,7 @@ class FeatureCache:
             log.info("feature cache hit: %s%s", hit, served)
             return open_entry(hit).select(key["layers"])
         _, chunk_rows, present = plan
-        build = _build_dir(path, chunk_rows)
+        build = build_dir(path, chunk_rows)
         start, failure = time.perf_counter(), None
         try:
             self._extract_chunks(
@@ -263,19 +251,32 @@ class FeatureCache:
     def _plan(self, key: dict, path: Path, dim: int) -> tuple:
         """Rank 0's decision: `("hit", entry)`, or `("build", chunk_rows, chunks on disk)` after checking
         free disk space for the others."""
-        found = self.find(key)
+        found = self.find(key, repair=False)  # a hit needs no lock (nor a writable cache_dir)
         if found is not None:
             return ("hit", str(found))
         path.parent.mkdir(parents=True, exist_ok=True)
-        builds = sorted(path.parent.glob(f".{path.name}.build-*"), key=_chunk_count)
-        chunk_rows = self.chunk_rows
-        if builds and builds[-1].name.rpartition("-")[2].isdigit():
-            chunk_rows = int(builds[-1].name.rpartition("-")[2])  # resume in the existing layout
-            if chunk_rows != self.chunk_rows:
-                log.info("resuming %s in its chunks of %d rows", builds[-1], chunk_rows)
-        build = _build_dir(path, chunk_rows)
-        rows, width = key["rows"], len(key["layers"])
-        present = {_chunk_index(p) for p in build.glob("*.npy")} if build.is_dir() else set()
+        lock = EntryLock(path)
+        try:
+            with lock.finishing():
+                found = self.find(key)
+                if found is not None:
+                    lock.discard()
+                    return ("hit", str(found))
+        finally:
+            lock.close()
+        width = len(key["layers"])
+        chunk_rows = self.rows_per_chunk(width, dim)
+        layouts = {  # the builds on disk: chunk rows -> chunk count
+            int(b.name.rpartition("-")[2]): len(list_chunks(b))
+            for b in path.parent.glob(f".{path.name}.build-*")
+            if b.name.rpartition("-")[2].isdigit()
+        }
+        resumed = max(layouts, key=lambda n: (layouts[n], n == chunk_rows), default=chunk_rows)
+        if layouts.get(resumed) and resumed != chunk_rows:  # resume in the layout with most chunks
+            log.info("resuming %s in its chunks of %d rows", build_dir(path, resumed), resumed)
+            chunk_rows = resumed
+        present = sorted(list_chunks(build_dir(path, chunk_rows)))
+        rows = key["rows"]
         missing = sum(
             min(chunk_rows, rows - i * chunk_rows)
             for i in range(math.ceil(rows / chunk_rows))
@@ -286,9 +287,22 @@ class FeatureCache:
         if needed > free:
             raise FeatureCacheError(
                 f"not enough disk space for feature cache entry {path}: it needs {needed / 2**20:,.0f} MiB, "
-                f"{free / 2**20:,.0f} MiB are free there; free space or set model.cache_dir elsewhere"
+                f"{free / 2**20:,.0f} MiB are free there ({missing:,} rows x {width} layers x {dim} x "
+                f"{np.dtype(self.dtype).itemsize} B); free space or set model.cache_dir elsewhere"
             )
-        return ("build", chunk_rows, sorted(present))
+        log.info(  # the cache sizing rule, before the work starts: rows x layers x hidden x bytes
+            "extracting %s/%s: %d rows x %d layers x %d hidden x %d bytes (%s) = %.1f MiB -> %s",
+            key["encoder"],
+            key["split"],
+            missing,
+            width,
+            dim,
+            np.dtype(self.dtype).itemsize,
+            self.dtype,
+            needed / 2**20,
+            path.parent,
+        )
+        return ("build", chunk_rows, present)
 
     def _extract_chunks(
         self,
@@ -304,14 +318,29 @@ class FeatureCache:
         world: int,
     ) -> None:
         """This rank's share of the build: verify every world-th chunk on disk, extract every world-th
-        missing chunk (and those that failed verification) into `build`. A fresh build gives chunk i to
-        rank i % world; a resumed one shares out the chunks still missing, so no rank idles long."""
+        missing chunk (and those that failed verification) into `build`, each under its claim; a chunk
+        another job holds is left for later and skipped if that job published it meanwhile."""
+        if (path / "manifest.json").is_file():  # another job finished the entry meanwhile
+            return
         build.mkdir(parents=True, exist_ok=True)
-        remove_dead_leftovers(build, _tmp_prefix())
+        remove_dead_leftovers(build, tmp_prefix())
+        lock = EntryLock(path)
+        try:
+            lock.building(chunk_rows)
+            self._extract_claimed(
+                encoder, texts, key, path, build, chunk_rows, present, device, rank, world, lock
+            )
+        finally:
+            lock.close()
+
+    def _extract_claimed(
+        self, encoder, texts, key, path, build, chunk_rows, present, device, rank, world, lock
+    ) -> None:
         count = math.ceil(len(texts) / chunk_rows)
+        files = list_chunks(build)  # one listing: verification is linear in the chunks
         missing = sorted(set(range(count)) - set(present))
         checked = present[rank::world]
-        failed = [i for i in checked if not _chunk_verified(build, i)]
+        failed = [i for i in checked if not chunk_verified(build, files.get(i, []))]
         todo = sorted(missing[rank::world] + failed)
         desc = f"{encoder.spec.key}/{key['split']}" + (f" rank {rank}/{world}" if world > 1 else "")
         if checked:
@@ -323,30 +352,55 @@ class FeatureCache:
                 count,
                 build,
             )
-        rows = sum(min(chunk_rows, len(texts) - i * chunk_rows) for i in todo)
-        start, overflowed = time.perf_counter(), 0
+        total = sum(min(chunk_rows, len(texts) - i * chunk_rows) for i in todo)
+        start, overflowed, done = time.perf_counter(), 0, []
         encoder.to(device)
         with _progress() as bar:
-            task = bar.add_task(f"extract {desc}", total=rows)
-            for i in todo:
-                if (path / "manifest.json").is_file():  # another job finished the entry meanwhile
-                    return
-                first = i * chunk_rows
-                array = extract_chunk(
-                    encoder,
-                    texts[first : first + chunk_rows],
-                    key["layers"],
-                    device,
-                    self.token_budget,
-                    self.batch_size,
-                    where=lambda r, first=first: f"split {key['split']!r}, row {first + r}",
-                    advance=lambda n: bar.advance(task, n),
-                )
-                with np.errstate(over="ignore"):  # checked right below
-                    stored = array.astype(self.dtype)
-                if not np.isfinite(stored).all():
-                    stored, overflowed = array, overflowed + 1
-                _write_chunk(build, i, stored)
+            task = bar.add_task(f"extract {desc}", total=total)
+
+            def make(i: int) -> bool:
+                """Extract chunk `i` (claimed) unless it exists; False once the entry is complete."""
+                nonlocal overflowed
+                try:
+                    if (path / "manifest.json").is_file():  # another job finished the entry
+                        return False
+                    if has_chunk(build, i):  # another job published it meanwhile
+                        return True
+                    first = i * chunk_rows
+                    array = extract_chunk(
+                        encoder,
+                        texts[first : first + chunk_rows],
+                        key["layers"],
+                        device,
+                        self.token_budget,
+                        self.batch_size,
+                        where=lambda r: f"split {key['split']!r}, row {first + r}",
+                        advance=lambda n: bar.advance(task, n),
+                    )
+                    with np.errstate(over="ignore"):  # checked right below
+                        stored = array.astype(self.dtype)
+                    if not np.isfinite(stored).all():
+                        stored, overflowed = array, overflowed + 1
+                    if write_chunk(build, i, stored) is None:
+                        return False
+                    done.append(len(array))
+                    return True
+                finally:
+                    lock.release(i)
+
+            waiting = []
+            for i in todo:  # first the chunks no other job is extracting
+                if not lock.claim(i):
+                    waiting.append(i)
+                elif not make(i):
+                    break
+            else:
+                for (
+                    i
+                ) in waiting:  # then wait for the others' claims: their chunk exists, or they died
+                    lock.claim(i, block=True)
+                    if not make(i):
+                        break
         if overflowed:
             log.info(
                 "%s: pooled values of %d chunks exceed float16's range (|x| > %g): those chunks are "
@@ -355,100 +409,56 @@ class FeatureCache:
                 overflowed,
                 FLOAT16_MAX,
             )
-        if todo:
+        if done:
             seconds = time.perf_counter() - start
             log.info(
                 "extracted %s: %d rows in %.1f s (%.0f ex/s), %d chunks -> %s",
                 desc,
-                rows,
+                sum(done),
                 seconds,
-                rows / max(seconds, 1e-9),
-                len(todo),
+                sum(done) / max(seconds, 1e-9),
+                len(done),
                 build,
             )
 
     def _finish(
         self, key: dict, path: Path, build: Path, seconds: float, compute_reason: str
     ) -> Path:
-        """Rank 0: write the manifest of the complete chunks in `build` and rename it into place."""
-        if verify(path, key) is None:  # another job finished it first
-            shutil.rmtree(build, ignore_errors=True)
-            return path
-        chunk_rows = int(build.name.rpartition("-")[2])
-        rows, count = key["rows"], math.ceil(key["rows"] / chunk_rows)
-        files: dict[int, Path] = {}
-        for f in sorted(build.glob("*.npy")):
-            if _chunk_index(f) in files:
-                f.unlink(missing_ok=True)  # a second copy from a concurrent job
-            else:
-                files[_chunk_index(f)] = f
-        missing = [i for i in range(count) if i not in files]
-        if missing:
-            raise FeatureCacheError(
-                f"feature cache build {build} lacks chunks {missing[:5]} after extraction"
-            )
-        chunks = []
-        for i in range(count):
-            f = files[i]
-            array = np.load(f, mmap_mode="r", allow_pickle=False)  # reads the header only
-            expected = (min(chunk_rows, rows - i * chunk_rows), len(key["layers"]))
-            if array.shape[:2] != expected:
-                raise FeatureCacheError(f"chunk {f} is {array.shape}, expected {expected} + (d,)")
-            chunks.append(
-                {
-                    "file": f.name,
-                    "rows": int(array.shape[0]),
-                    "dtype": str(array.dtype),
-                    "bytes": f.stat().st_size,
-                    "sha256": f.name.split(".")[1],
-                }
-            )
-            dim = int(array.shape[2])
-        wide = sum(c["dtype"] != self.dtype for c in chunks)
-        manifest = {
-            "key": key,
-            "layers": key["layers"],
-            "shape": [rows, len(key["layers"]), dim],
-            "dtype": "float32" if wide else self.dtype,
-            "float32_chunks": wide,
-            "rows": rows,
-            "chunk_rows": chunk_rows,
-            "chunks": chunks,
-            "build_seconds": seconds,
-            "compute_reason": compute_reason,
-        }
-        if wide:
-            log.info(
-                "feature cache entry %s is float32: %d of %d chunks overflow float16",
-                path,
-                wide,
-                count,
-            )
-        atomic_write(build / "manifest.json", json.dumps(manifest, indent=1), fsync=True)
-        fsync_dir(build)
+        """Rank 0: under the entry's finish lock, write the manifest of the complete chunks in `build`
+        and rename it into place (unless another job did); remove builds no live job uses."""
+        lock = EntryLock(path)
         try:
-            os.rename(build, path)
-        except OSError:  # another job renamed its build first
-            if verify(path, key) is not None:
-                raise
-            shutil.rmtree(build, ignore_errors=True)
-        fsync_dir(path.parent)
+            with lock.finishing():
+                if verify(path, key) is not None:
+                    publish(key, path, build, self.dtype, seconds, compute_reason)
+                for other in path.parent.glob(f".{path.name}.build-*"):
+                    layout = other.name.rpartition("-")[2]
+                    if layout.isdigit() and not lock.layout_in_use(int(layout)):
+                        shutil.rmtree(other, ignore_errors=True)  # never resumed: the entry is done
+                lock.discard()
+        finally:
+            lock.close()
         return path
 
-    def _reclaim(self, path: Path, key: dict) -> None:
-        """Turn the damaged entry at `path` back into a build directory (its chunks are re-verified there)."""
-        manifest = read_manifest(path)
-        if manifest.get("key") != key or not isinstance(manifest.get("chunk_rows"), int):
-            shutil.rmtree(path, ignore_errors=True)  # other inputs or no layout: nothing to keep
-            return
-        build = _build_dir(path, manifest["chunk_rows"])
-        (path / "manifest.json").unlink(missing_ok=True)
-        if not build.exists():
-            os.rename(path, build)
-            return
-        for f in path.glob("*.npy"):
-            os.replace(f, build / f.name)
-        shutil.rmtree(path, ignore_errors=True)
+
+# -- process groups ----------------------------------------------------------------------------
+class Distributed(Protocol):
+    """What the cache needs of a process group (a Lightning strategy or Fabric has it)."""
+
+    global_rank: int
+    world_size: int
+
+    def broadcast(self, obj, src: int = 0): ...
+
+
+class SingleProcess:
+    """The process group of one process."""
+
+    global_rank = 0
+    world_size = 1
+
+    def broadcast(self, obj, src: int = 0):
+        return obj
 
 
 def layer_set(layers: Sequence[int] | None, num_layers: int, encoder: str = "encoder") -> list[int]:
@@ -501,7 +511,9 @@ def _safe(name: str) -> str:
 
 
 __all__ = [
+    "CHUNK_BYTES",
     "CHUNK_ROWS",
+    "FEATURES_VERSION",
     "FLOAT16_MAX",
     "FORMAT_VERSION",
     "TOKEN_BUDGET",

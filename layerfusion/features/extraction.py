@@ -1,17 +1,24 @@
-"""Texts to pooled per-layer features: token-budget batches, the tapped forward, NaN/inf checks."""
+"""Texts to pooled per-layer features for the cache: chunks through the one batched forward
+(`encoders.forward`: token-budget batches, the tapped forward, early exit), NaN/inf checks."""
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from layerfusion.encoders.forward import forward_batches, token_batches
 from layerfusion.encoders.frozen import FrozenEncoder
 from layerfusion.features.entry import FeatureCacheError
 
+FEATURES_VERSION = 1
+"""The version of the code that turns texts into pooled features (tokenisation, batching, tap placement,
+pooling, early exit, compute precision). It is part of every cache key: bump it when a change to that code
+changes any feature value, so caches built by the old code are not used. A change that keeps every value
+(a refactor) keeps it, so users' caches stay valid: tests/test_features_version.py records a hash of that
+code and fails until one of the two is done on purpose (see its docstring)."""
 TOKEN_BUDGET = 4096
 """Padded tokens per extraction batch (rows x longest row). Measured in benchmarks/scale.py (MPNet, every
 layer, 2-core CPU): on R8 documents of 512 tokens the peak RSS growth was 460 MiB at 4096 tokens, 901 at
@@ -74,62 +81,6 @@ def extract(
             bar.advance(task, len(rows))
 
 
-def forward_batches(
-    encoder: FrozenEncoder,
-    texts: Sequence[str],
-    layers: list[int],
-    device,
-    token_budget: int | None,
-    max_rows: int | None,
-    sort_by_length: bool = True,
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(rows, fp32 CPU features `[B, len(layers), d]`) per batch of `token_batches` over `texts`."""
-    tok = encoder.tokenizer
-    ids = tok(list(texts), truncation=True, max_length=encoder.max_length)["input_ids"]
-    depth = max(layers)
-    pick = None if layers == list(range(depth + 1)) else torch.tensor(layers)
-    encoder.to(device)
-    with torch.inference_mode():
-        for rows in token_batches([len(i) for i in ids], token_budget, max_rows, sort_by_length):
-            batch = tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-            feats = encoder(
-                batch["input_ids"].to(device), batch["attention_mask"].to(device), depth=depth
-            )
-            if pick is not None:
-                feats = feats.index_select(1, pick.to(feats.device))
-            yield rows, feats.float().cpu()
-
-
-def token_batches(
-    lengths: Sequence[int],
-    token_budget: int | None,
-    max_rows: int | None = None,
-    sort_by_length: bool = True,
-) -> list[list[int]]:
-    """Row indices in batches (longest rows first) whose padded size, rows x longest row, stays within
-    `token_budget` and whose row count within `max_rows` (None: no bound). A row longer than the budget
-    is a batch of its own."""
-    order = (
-        sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-        if sort_by_length
-        else range(len(lengths))
-    )
-    budget, cap = token_budget or math.inf, max_rows or math.inf
-    batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for i in order:
-        wider = max(width, lengths[i])
-        if current and ((len(current) + 1) * wider > budget or len(current) >= cap):
-            batches.append(current)
-            current, wider = [], lengths[i]
-        current.append(i)
-        width = wider
-    if current:
-        batches.append(current)
-    return batches
-
-
 def _progress():
     """A rich progress bar with examples/s (drawn on a terminal; the log line after it says the same)."""
     from rich.progress import (
@@ -154,3 +105,13 @@ def _progress():
         TimeRemainingColumn(),
         disable=not sys.stderr.isatty(),
     )
+
+
+__all__ = [
+    "FEATURES_VERSION",
+    "TOKEN_BUDGET",
+    "extract",
+    "extract_chunk",
+    "forward_batches",
+    "token_batches",
+]

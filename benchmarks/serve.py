@@ -1,0 +1,286 @@
+"""`layerfusion serve` under load, beside the in-process `Classifier` at the same batch size.
+
+    python benchmarks/serve.py [--model CKPT_OR_DIR] [--clients 1,4,16] [--requests 128] [--rounds 3]
+        [--out benchmarks/serve.json]
+
+Starts `python -m layerfusion serve` on 127.0.0.1 (a free port; `--device cpu --max-batch-size 16
+--batch-timeout 0.01`, one worker), then for each client count N, `--rounds` times, alternating:
+N client threads (one keep-alive HTTP connection each) send `--requests` single-sentence requests in all,
+SST-2 test sentences in order, each client waiting for its answer before sending its next; and the
+in-process `Classifier.predict_proba` on the same sentences in chunks of N in the same order (the batches
+the server can form at best). Figures per N: throughput ratio server / in-process (per round, median),
+p50/p95/p99 latency of the server's requests, failed requests (an error or a status other than 200),
+the share of labels equal to the in-process ones (bf16 results depend on a batch's padding), and the server's RSS (its process tree, summed) when ready, after the warm-up and at
+the end. Loopback only; stops by itself. Without `--model`, the classifier is all-MiniLM-L6-v2 (layers
+4, 5, 6; `compute_dtype` auto) under a seeded untrained gated head: throughput does not depend on the
+head's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from benchutil import MINILM, REPO, alternate, data_dir, log, machine_info, median, round_ratios
+
+from layerfusion.classifier import FORMAT, VERSION, Classifier
+from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+from layerfusion.encoders.offline import no_loading_bars, resolve_model
+from layerfusion.fusion.heads import build_head
+
+SERVER_ARGS = ["--device", "cpu", "--max-batch-size", "16", "--batch-timeout", "0.01"]
+TARGETS = {"failed": 0, "throughput_ratio_16_clients": 0.8, "rss_growth": 0.05}
+
+
+def main() -> None:
+    """Run the load benchmark and write its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a .ckpt or classifier folder (default: MiniLM, untrained head)")
+    parser.add_argument("--clients", default="1,4,16", help="client counts (default: 1,4,16)")
+    parser.add_argument("--requests", type=int, default=128, help="requests per client count and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "serve.json"))
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    texts = [json.loads(line)["text"] for line in (data_dir() / "sst2" / "test.jsonl").open()]
+    texts = texts[: args.requests]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(minilm_classifier(Path(tmp) / "clf"))
+        clf = load(model)
+        labels = [clf.label_names[i] for i in np.asarray(clf.predict_proba(texts)).argmax(1)]
+        results = {"machine": machine_info(), "model": describe_model(args.model, clf)}
+        with Server(model) as server:
+            rss = {"ready": server.rss()}
+            for n in clients:  # warm-up: every batch size once, not counted
+                run_clients(server.port, texts[: 4 * n], n)
+            rss["after_warmup"] = server.rss()
+            per_n = {}
+            for n in clients:
+                log(f"{n} client(s): {args.rounds} rounds of {len(texts)} requests")
+                runs: list[dict] = []
+
+                def over_http(n=n, runs=runs) -> float:
+                    run = run_clients(server.port, texts, n)
+                    runs.append(run)
+                    return run["seconds"]
+
+                def in_process(n=n) -> float:
+                    start = time.perf_counter()
+                    for i in range(0, len(texts), n):
+                        clf.predict_proba(texts[i : i + n])
+                    return time.perf_counter() - start
+
+                times = alternate({"server": over_http, "in_process": in_process}, args.rounds)
+                latencies = np.concatenate([r["latencies"] for r in runs]) * 1000
+                failed = sum(r["failed"] for r in runs)
+                answered = [(g, w) for r in runs for g, w in zip(r["labels"], labels) if g]
+                agree = sum(g == w for g, w in answered) / max(1, len(answered))
+                per_n[str(n)] = {
+                    "throughput_ratio": median(round_ratios(times["in_process"], times["server"])),
+                    "server_texts_per_s": median([len(texts) / t for t in times["server"]]),
+                    "in_process_texts_per_s": median([len(texts) / t for t in times["in_process"]]),
+                    "latency_ms": {
+                        f"p{q}": round(float(np.percentile(latencies, q)), 2) for q in (50, 95, 99)
+                    },
+                    "requests": len(latencies),
+                    "failed": int(failed),
+                    "label_agreement_with_in_process": round(agree, 4),
+                }
+                log(f"{n} client(s): {json.dumps(per_n[str(n)])}")
+            rss["end"] = server.rss()
+    growth = rss["end"] / rss["after_warmup"] - 1
+    results.update(
+        settings={
+            "server_args": SERVER_ARGS,
+            "requests_per_round": len(texts),
+            "rounds": args.rounds,
+            "texts": "SST-2 test sentences, in file order, one per request",
+            "in_process": "Classifier.predict_proba on chunks of N sentences in the same order",
+        },
+        clients=per_n,
+        server_rss_mib={k: round(v / 2**20, 1) for k, v in rss.items()},
+        rss_growth_after_warmup=round(growth, 4),
+        rss_growth_from_ready=round(rss["end"] / rss["ready"] - 1, 4),
+        targets=TARGETS,
+        met={
+            "failed": all(r["failed"] == 0 for r in per_n.values()),
+            "throughput_ratio_16_clients": per_n.get("16", {}).get("throughput_ratio", 0) >= 0.8,
+            "rss_growth": growth <= 0.05,
+        },
+    )
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: results[k] for k in ("clients", "server_rss_mib", "met")}, indent=2))
+
+
+def minilm_classifier(folder: Path) -> Path:
+    """A saved classifier: a seeded, untrained gated head over MiniLM's layers 4, 5, 6."""
+    spec = EncoderSpec(resolve_model(MINILM), alias="minilm")
+    with no_loading_bars():
+        encoder = FrozenEncoder(spec)
+    layers = {"minilm": [4, 5, 6]}
+    torch.manual_seed(0)
+    head = build_head(
+        "gated",
+        dims={"minilm": encoder.hidden_size},
+        num_layers={"minilm": encoder.num_layers},
+        layers=layers,
+        num_classes=2,
+    )
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "label_names": ["0", "1"],
+        "head": "gated",
+        "head_args": {},
+        "layers": layers,
+        "encoders": [dataclasses.asdict(spec)],
+        "encoder_ids": {"minilm": encoder.identity()},
+    }
+    return Classifier(config, head.state_dict(), device="cpu").save(folder)
+
+
+def load(model: str) -> Classifier:
+    """The classifier in-process, on the CPU with the torch threads the server's one worker gets."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = Path(model)
+    return (Classifier.load if path.is_dir() else Classifier.from_checkpoint)(path, device="cpu")
+
+
+def describe_model(given: str | None, clf: Classifier) -> dict:
+    """What was served."""
+    return {
+        "given": given,
+        "encoders": {k: e.spec.name for k, e in clf.encoders.items()},
+        "layers": clf.layers,
+        "compute_dtype": {k: e.compute_precision("cpu") for k, e in clf.encoders.items()},
+        "head": clf.config["head"] + ("" if given else " (seeded, untrained)"),
+        "labels": clf.label_names,
+    }
+
+
+def run_clients(port: int, texts: list[str], clients: int) -> dict:
+    """`clients` threads send `texts` (one per request) until all are answered: seconds, latencies, labels."""
+    labels: list[str | None] = [None] * len(texts)
+    latencies: list[float] = [0.0] * len(texts)
+    failed = [0] * clients
+    next_index = iter(range(len(texts)))
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            body = json.dumps({"text": texts[i]})
+            start = time.perf_counter()
+            try:
+                conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                payload = response.read()
+                latencies[i] = time.perf_counter() - start
+                if response.status == 200:
+                    labels[i] = json.loads(payload)["label"]
+                else:
+                    failed[c] += 1
+            except (OSError, http.client.HTTPException, ValueError):
+                failed[c] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "latencies": np.array(latencies),
+        "labels": labels,
+        "failed": sum(failed),
+    }
+
+
+class Server:
+    """`python -m layerfusion serve MODEL` on a free port of 127.0.0.1, from ready to SIGTERM."""
+
+    def __init__(self, model: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.model = model
+
+    def __enter__(self) -> Server:
+        cmd = [sys.executable, "-m", "layerfusion", "serve", self.model, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd + SERVER_ARGS, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited with {self.proc.returncode}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise SystemExit("the server was not ready within 300 s")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+    def rss(self) -> int:
+        """Bytes resident in the server's process tree (main, HTTP server, manager, inference worker)."""
+        return sum(_rss(p) for p in [self.proc.pid, *_descendants(self.proc.pid)])
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except OSError:
+                continue
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parents.items() if parent in frontier]
+        out += frontier
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    main()
