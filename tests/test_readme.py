@@ -45,7 +45,7 @@ def test_readme_is_a_users_guide():
     assert "make test" in text  # CI runs it
     assert "../" not in text and "/work/" not in text  # no paths outside the repository
     for cmd in (c for lang, code, _ in blocks(text) if lang == "bash" for c in commands(code)):
-        assert cmd[1] in SUBCOMMANDS, cmd
+        assert cmd[1] in (*SUBCOMMANDS, "--help"), cmd
     for link in re.findall(r"\]\(((?:docs|configs|results)/[^)#]+)", text):
         assert (REPO / link).exists(), f"README links to {link}, which does not exist"
 
