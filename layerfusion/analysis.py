@@ -265,8 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry: `layerfusion analyze RUN_DIR RUN_DIR [...] [--out DIR] [--logger wandb]`."""
     parser = argparse.ArgumentParser(prog="layerfusion analyze", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of `reproduce`")
-    parser.add_argument("--out", type=Path, default=Path("results/analysis"))
-    parser.add_argument("--logger", choices=["none", "wandb"], default="none")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/analysis"), help="output directory"
+    )
+    parser.add_argument(
+        "--logger",
+        choices=["none", "wandb"],
+        default="none",
+        help="also log the tables to W&B (offline unless WANDB_MODE=online)",
+    )
     args = parser.parse_args(argv)
     for path in analyze(args.runs, args.out, args.logger):
         print(path)

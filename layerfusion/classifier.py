@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.errors import CheckpointError, ConfigError, LayerFusionError
-from layerfusion.features.cache import TOKEN_BUDGET, extract_chunk
+from layerfusion.features.extraction import TOKEN_BUDGET, extract_chunk
 from layerfusion.files import fsync_dir, remove_temp_leftovers, temp_path
 from layerfusion.fusion.heads import HEADS, build_head
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -49,6 +50,12 @@ class LayerFusionCLI(LightningCLI):
             checkpoint = read_checkpoint(ckpt)
             check_checkpoint_encoders(checkpoint, config.get("model"), ckpt)
 
+    def before_instantiate_classes(self) -> None:
+        """`${trainer.default_root_dir}` in any path of the config names the run directory."""
+        from layerfusion.run_paths import resolve_run_paths
+
+        resolve_run_paths(self.config[self.subcommand] if self.subcommand else self.config)
+
     def instantiate_classes(self) -> None:
         """Build model, data and trainer without transformers' per-encoder "Loading weights" bars."""
         with no_loading_bars():
@@ -58,7 +65,8 @@ class LayerFusionCLI(LightningCLI):
 
 
 def check_checkpoint_encoders(checkpoint: dict, model_config, path) -> None:
-    """Refuse a checkpoint whose encoders differ from the config's on `name` or `trust_remote_code`."""
+    """Refuse a checkpoint whose encoders differ from the config's on `name`, `revision` or
+    `trust_remote_code` (Lightning would otherwise load the checkpoint's values over the config's)."""
     saved = (checkpoint.get("hyper_parameters") or {}).get("encoders")
     if saved is None or model_config is None:
         return
@@ -71,7 +79,7 @@ def check_checkpoint_encoders(checkpoint: dict, model_config, path) -> None:
             f"{[e.get('name') for e in configured]}"
         )
     for i, (theirs, ours) in enumerate(zip(saved, configured)):
-        for field in ("name", "trust_remote_code"):
+        for field in ("name", "revision", "trust_remote_code"):
             default = False if field == "trust_remote_code" else None
             if theirs.get(field, default) != ours.get(field, default):
                 raise ConfigError(
@@ -228,7 +236,11 @@ class _DropTips(logging.Filter):
 
 
 def _prepare_wandb(logger) -> None:
-    """Remove the causes of two W&B warnings that come from Lightning's defaults, not from the user.
+    """Apply the W&B convention (offline unless WANDB_MODE=online) and remove the causes of two W&B
+    warnings that come from Lightning's defaults, not from the user.
+
+    `offline: true` in a config means "offline unless WANDB_MODE=online" here, as in `reproduce` and
+    `analyze` (Lightning itself would set WANDB_MODE=dryrun and ignore the environment).
 
     Lightning passes `anonymous=None` to `wandb.init`, and W&B warns that the setting has no effect
     whenever it is passed; W&B looks for a git repository from the run's `dir` and warns when that
@@ -238,6 +250,8 @@ def _prepare_wandb(logger) -> None:
 
     if not isinstance(logger, WandbLogger) or logger._experiment is not None:
         return
+    if os.environ.get("WANDB_MODE") == "online":
+        logger._offline = False
     if logger._wandb_init.get("anonymous") is None:
         logger._wandb_init.pop("anonymous", None)
     if logger.save_dir:

@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -226,6 +227,7 @@ def serve(
         raise ConfigError("--workers, --max-batch-size, --max-texts and --max-body-bytes must be >= 1")
     if batch_timeout < 0 or timeout <= batch_timeout:
         raise ConfigError("--batch-timeout must be >= 0 and below --timeout")
+    _check_port(host, port)
     info = describe(model, compute_dtype, accelerator, trust_remote_code)
     threads = None
     if accelerator == "cpu":
@@ -457,6 +459,17 @@ class _BatchedLoop(BatchedLoop):
                 item = request_queue.get(timeout=remaining) if remaining > 0 else request_queue.get_nowait()
             except Empty:
                 return payloads, timed_out
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line, before loading anything, when the address is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror} (choose another --port)") from None
 
 
 def _parse_device(device: str) -> tuple[str, str | list[int]]:

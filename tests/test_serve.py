@@ -237,6 +237,26 @@ def test_sigterm_stops_the_server_and_its_workers(server):
     assert proc.stdout.read() == "" and sorted(os.listdir(cwd)) == ["stderr.txt"]
 
 
+def test_startup_errors_are_one_line(classifier_dir, tmp_path, capsys):
+    from layerfusion.__main__ import main
+
+    with socket.socket() as taken, socket.socket() as free:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free.bind(("127.0.0.1", 0))
+        port, free_port = taken.getsockname()[1], free.getsockname()[1]
+        free.close()
+        for model, at, problem in [
+            (tmp_path / "x.ckpt", free_port, f"checkpoint {tmp_path / 'x.ckpt'} not found"),
+            (classifier_dir, port, f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+        ]:
+            with pytest.raises(SystemExit) as exit_:
+                main(["serve", str(model), "--port", str(at)])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and err.startswith(f"layerfusion: error: {problem}"), err
+            assert err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

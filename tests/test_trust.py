@@ -121,6 +121,10 @@ def test_cli_refuses_a_checkpoint_that_differs_on_trust_or_name(
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=r"encoders\[0\]\.name=.*evil_bert.*'other/model'"):
         cli_main(args)
+    config["model"]["encoders"][0] = {**encoder, "revision": "v2"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"encoders\[0\]\.revision=None; the config has 'v2'"):
+        cli_main(args)
     assert not marker.exists()
 
 

@@ -290,6 +290,18 @@ class FeatureCache:
                 f"{free / 2**20:,.0f} MiB are free there ({missing:,} rows x {width} layers x {dim} x "
                 f"{np.dtype(self.dtype).itemsize} B); free space or set model.cache_dir elsewhere"
             )
+        log.info(  # the cache sizing rule, before the work starts: rows x layers x hidden x bytes
+            "extracting %s/%s: %d rows x %d layers x %d hidden x %d bytes (%s) = %.1f MiB -> %s",
+            key["encoder"],
+            key["split"],
+            missing,
+            width,
+            dim,
+            np.dtype(self.dtype).itemsize,
+            self.dtype,
+            needed / 2**20,
+            path.parent,
+        )
         return ("build", chunk_rows, present)
 
     def _extract_chunks(

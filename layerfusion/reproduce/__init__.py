@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         "experiment config and write <out>/paper_table.{csv,md}.",
     )
     parser.add_argument("configs", nargs="+", help="experiment configs (layerfusion fit configs)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per row (default: 0 1 2)"
+    )
     parser.add_argument("--share", type=float, default=0.5, help="cumulative selection share")
     parser.add_argument("--out", default="results", help="where the tables go")
     parser.add_argument("--runs", default="runs/reproduce", help="per-run logs and checkpoints")
