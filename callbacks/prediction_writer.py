@@ -130,7 +130,10 @@ class PredictionWriter(BasePredictionWriter):
         strategy.barrier("layerfusion-predictions")
         problem = None
         if trainer.is_global_zero:
-            problem = self._merge(trainer.world_size)
+            try:
+                problem = self._merge(trainer.world_size)
+            except Exception as err:  # e.g. a full disk: every rank must learn of it, not only rank 0
+                problem = f"PredictionWriter: rank 0 could not write {self.path}: {type(err).__name__}: {err}"
         problem = strategy.broadcast(problem, src=0)
         self._discard(trainer)
         self._out = None

@@ -34,6 +34,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         """The checkpoint at `path`, on the CPU; a missing file, another file type or another program's
         checkpoint raises `CheckpointError` naming the file and what is wrong."""
-        from layerfusion.classifier import read_checkpoint
+        from layerfusion.checkpoint import read_checkpoint
 
         return read_checkpoint(path)

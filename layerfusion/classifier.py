@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
+from layerfusion.checkpoint import read_checkpoint  # noqa: F401 (public here too)
 from layerfusion.errors import CheckpointError, ConfigError, LayerFusionError
 from layerfusion.features.extraction import TOKEN_BUDGET, extract_chunk
 from layerfusion.files import fsync_dir, remove_temp_leftovers, temp_path
@@ -432,56 +433,6 @@ Command line: `python -m layerfusion classify path/to/this/folder "a text" "anot
 """
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A layerfusion checkpoint loaded on the CPU (tensors and containers only, no code), checked to be one."""
-    path = Path(path)
-    if path.is_dir():
-        hint = (
-            " (a folder written by Classifier.save: load it with Classifier.load)"
-            if (path / CONFIG_FILE).is_file()
-            else ""
-        )
-        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as err:  # torch.load fails in many ways on other files (IndexError, EOFError, ...)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in reason:
-            reason = "it holds pickled Python objects, not only tensors"
-        raise CheckpointError(
-            f"{path} is not a layerfusion checkpoint: torch.load cannot read it ({reason[:200]})"
-        ) from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(
-            f"{path} is not a layerfusion checkpoint: it holds a {type(ckpt).__name__}, not a checkpoint dict"
-        )
-    if "layerfusion" not in ckpt:
-        what = (
-            "a Lightning checkpoint of another model"
-            if "pytorch-lightning_version" in ckpt
-            else "a PyTorch file from another program"
-        )
-        keys = ", ".join(map(str, list(ckpt)[:6]))
-        raise CheckpointError(
-            f"{path} was not written by layerfusion: {what} (no 'layerfusion' section; keys: {keys})"
-        )
-    meta = ckpt["layerfusion"]
-    missing = [k for k in ("encoders", "label_names", "head", "selection") if k not in meta]
-    foreign = [k for k in ckpt.get("state_dict", {}) if not k.startswith("head.")]
-    if missing or "state_dict" not in ckpt or foreign:
-        problem = (
-            f"its 'layerfusion' section lacks {missing}"
-            if missing
-            else "it has no state_dict"
-            if "state_dict" not in ckpt
-            else f"its state_dict has weights outside the head (e.g. {foreign[:3]})"
-        )
-        raise CheckpointError(f"{path} is not a usable layerfusion checkpoint: {problem}")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -45,7 +45,7 @@ class LayerFusionCLI(LightningCLI):
         config = self.config.get(subcommand) if subcommand else self.config
         ckpt = config.get("ckpt_path") if config is not None else None
         if ckpt and ckpt not in SPECIAL_CKPT_PATHS and "://" not in str(ckpt):
-            from layerfusion.classifier import read_checkpoint
+            from layerfusion.checkpoint import read_checkpoint
 
             checkpoint = read_checkpoint(ckpt)
             check_checkpoint_encoders(checkpoint, config.get("model"), ckpt)

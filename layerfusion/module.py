@@ -10,9 +10,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from layerfusion.checkpoint import SECTION, encoder_ids, section
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, encoders_mismatch
 from layerfusion.errors import ConfigError
 from layerfusion.features.cache import (
@@ -115,6 +116,10 @@ class LayerFusionModule(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        # evaluation losses as metrics: the mean over every row of every rank (a logged value with
+        # sync_dist averages the ranks' means, which differs when ranks hold unequal row counts)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.features: dict[str, dict[str, CachedFeatures]] = {}
         self.extract_seconds: dict[str, float] = {}
 
@@ -148,7 +153,10 @@ class LayerFusionModule(L.LightningModule):
 
         Callbacks' `setup` (`LayerSelection`) runs before this, so the selection is final here. Other
         stages extract in `on_*_start`, after Lightning has restored a `ckpt_path` checkpoint (and with it
-        the head's selection)."""
+        the head's selection). The encoders' weight fingerprints are taken here in every stage: FSDP wraps
+        (and shards) the model after `setup`, and checkpoints are written and checked after that."""
+        for encoder in self.encoders.values():  # before any wrapping: FSDP shards the weights
+            encoder.fingerprint()
         if stage == "fit":
             self.prepare_features("fit")
 
@@ -216,14 +224,16 @@ class LayerFusionModule(L.LightningModule):
             self.prepare_features(self.trainer.state.fn.value)
             held = self.features[split]
         rows = batch["index"].cpu()
+        # FSDP moves the weights itself, not through `self.to`: `self.device` may still say cpu
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         out = {}
         for k, feats in held.items():
             placed = torch.zeros(
                 (len(rows), max(feats.layers) + 1, feats.shape[2]),
                 dtype=torch.float32,
-                device=self.device,
+                device=device,
             )
-            placed[:, feats.layers] = feats[rows].to(self.device, torch.float32)
+            placed[:, feats.layers] = feats[rows].to(device, torch.float32)
             out[k] = placed
         return out
 
@@ -256,7 +266,9 @@ class LayerFusionModule(L.LightningModule):
     def _eval_step(self, batch: dict, split: str, metrics: MetricCollection) -> dict:
         loss, logits = self.model_step(batch, split)
         metrics.update(logits, batch["labels"])
-        self.log(f"{split}_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        mean = self.val_loss if split == "val" else self.test_loss
+        mean.update(loss.detach(), weight=len(logits))
+        self.log(f"{split}_loss", mean, prog_bar=True, batch_size=len(logits))
         self.log_dict(metrics, prog_bar=True, batch_size=len(logits))
         return {"preds": logits.argmax(-1)}
 
@@ -289,7 +301,7 @@ class LayerFusionModule(L.LightningModule):
         """Lightning's `load_from_checkpoint`, except that the checkpoint's own `trust_remote_code`
         never counts: only this argument (or `encoders` passed here) can let a model run its code."""
         if "encoders" not in kwargs:
-            from layerfusion.classifier import read_checkpoint
+            from layerfusion.checkpoint import read_checkpoint
 
             hparams = read_checkpoint(checkpoint_path).get("hyper_parameters") or {}
             kwargs["encoders"] = [
@@ -323,12 +335,9 @@ class LayerFusionModule(L.LightningModule):
         return self.head.load_state_dict(state, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["layerfusion"] = {
-            "encoders": self._encoder_ids(),
-            "label_names": self.label_names,
-            "head": self.hparams.head,
-            "selection": self.selection,
-        }
+        checkpoint[SECTION] = section(
+            self.encoders, self.label_names, self.hparams.head, self.selection
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("layerfusion")
@@ -385,4 +394,4 @@ class LayerFusionModule(L.LightningModule):
 
     def _encoder_ids(self) -> dict[str, dict]:
         """What identifies each encoder in a checkpoint (`FrozenEncoder.identity`)."""
-        return {k: e.identity() for k, e in self.encoders.items()}
+        return encoder_ids(self.encoders)

@@ -2,8 +2,11 @@
 benchmarks/gpu.json with the card's name.
 
 Measures, on CUDA: extraction sentences/s and peak GPU memory per encoder (MiniLM, MPNet) for
-`compute_dtype` float32, tfloat32 and bfloat16 (and what `auto` resolves to); the quickstart
-(`fit` + `test`) with the gpu trainer preset; a DDP `fit` of the quickstart over every visible GPU.
+`compute_dtype` float32, tfloat32 and bfloat16 (and what `auto` resolves to), after a warm-up and
+with `torch.cuda.synchronize` around the timer; the quickstart (4,000 SST-2 rows, 3 epochs) on one GPU
+with bf16-mixed, cached and online (1 epoch); DDP and the FSDP preset over every visible GPU (fit, and
+a `validate` of the one-GPU checkpoint on 487 rows, a count no GPU count divides, whose val accuracy
+must equal the one-GPU figure). Budget: about 8 minutes on one recent GPU.
 Without CUDA it says so and exits 0; `--dry-run` prints the plan instead of running it.
 Not part of `make test` (the suite runs its CPU-safe parts: `tests/test_gpu_check.py`).
 """
@@ -49,15 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     texts = sst2_sentences(args.texts)
     for name in ENCODERS:
         results["extraction"][name] = measure_extraction(name, texts, "cuda", PRECISIONS)
+    write_configs(args.run_dir)
     for step, cmd in plan.items():
         results[step] = run_step(cmd)
-    for step, directory in (
-        ("quickstart_fit", REPO / "runs" / "quickstart"),
-        ("ddp_fit", Path(args.run_dir) / "ddp"),
-    ):
-        resources = directory / "resources.json"  # written by the ResourceMonitor callback
-        if resources.is_file():
+        name = step.rpartition("_")[0].replace("one_gpu", "cached")
+        resources = Path(args.run_dir) / name / "resources.json"  # the ResourceMonitor callback's
+        if step.endswith("_fit") and resources.is_file():
             results[step]["resources"] = json.loads(resources.read_text())
+        if step.endswith("_validate"):
+            results[step]["val_acc"] = val_accuracy(args.run_dir, name)
+    one = results["one_gpu_validate"]["val_acc"]
+    results["val_acc_equal_to_one_gpu"] = {
+        s: one is not None and results[f"{s}_validate"]["val_acc"] == one for s in ("ddp", "fsdp")
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["extraction"], indent=1))
@@ -74,23 +81,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+EVAL_ROWS = 487
+"""Validation rows of the check's runs: a prime, so no GPU count (2..8) divides it and the ranks'
+shares are uneven (the padding a DistributedSampler would add must not reach the metrics)."""
+
+
 def commands(run_dir: str) -> dict[str, list[str]]:
-    """The CLI runs of the check: quickstart on one GPU (fit, test), DDP fit over every visible GPU."""
+    """The CLI runs of the check, each with its own config and run directory under `run_dir`: the
+    quickstart on one GPU with bf16-mixed, cached and online; a `validate` of the cached run's
+    checkpoint on one GPU, then DDP and the FSDP preset over every visible GPU (fit, and a `validate`
+    of that same checkpoint, whose val accuracy must equal the one-GPU figure)."""
     base = [sys.executable, "-m", "layerfusion"]
-    quick = ["--config", "configs/quickstart.yaml"]
-    gpu = [*quick, "--trainer", "configs/trainer/gpu.yaml"]
-    ddp = [*quick, "--trainer", "configs/trainer/ddp.yaml"]
+    run = Path(run_dir)
+    ckpt = str(run / "cached" / "checkpoints" / "best.ckpt")
+
+    def cli(stage: str, name: str, trainer: str, *extra: str) -> list[str]:
+        config = str(run / f"{name}.yaml")
+        return [*base, stage, "--config", config, "--trainer", trainer, *extra]
+
+    gpu, ddp, fsdp = (f"configs/trainer/{p}.yaml" for p in ("gpu", "ddp", "fsdp"))
     return {
-        "quickstart_fit": [*base, "fit", *gpu],
-        "quickstart_test": [
-            *base,
-            "test",
-            *gpu,
-            "--ckpt_path",
-            "runs/quickstart/checkpoints/best.ckpt",
-        ],
-        "ddp_fit": [*base, "fit", *ddp, "--trainer.default_root_dir", f"{run_dir}/ddp"],
+        "cached_fit": cli("fit", "cached", gpu),
+        "online_fit": cli("fit", "online", gpu, "--model.features", "online"),
+        "one_gpu_validate": cli("validate", "cached", gpu, "--ckpt_path", ckpt),
+        "ddp_fit": cli("fit", "ddp", ddp),
+        "ddp_validate": cli("validate", "ddp", ddp, "--ckpt_path", ckpt),
+        "fsdp_fit": cli("fit", "fsdp", fsdp),
+        "fsdp_validate": cli("validate", "fsdp", fsdp, "--ckpt_path", ckpt),
     }
+
+
+def write_configs(run_dir: str, train_rows: int = 4000, epochs: int = 3) -> None:
+    """`<run_dir>/{cached,online,ddp,fsdp}.yaml`: the quickstart on `train_rows` SST-2 rows and
+    `EVAL_ROWS` validation rows for `epochs` epochs, each writing under `<run_dir>/<name>/`."""
+    import yaml
+
+    quick = (REPO / "configs" / "quickstart.yaml").read_text()
+    for name in ("cached", "online", "ddp", "fsdp"):
+        config = yaml.safe_load(quick.replace("runs/quickstart", f"{run_dir}/{name}"))
+        config["data"].update(max_train_samples=train_rows, max_eval_samples=EVAL_ROWS)
+        config["trainer"]["max_epochs"] = 1 if name == "online" else epochs
+        config["trainer"]["callbacks"] = [
+            c for c in config["trainer"]["callbacks"] if "EarlyStopping" not in c["class_path"]
+        ]
+        path = Path(run_dir) / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def val_accuracy(run_dir: str, name: str) -> float | None:
+    """The val accuracy RunReport wrote for run `name` (None when it wrote none)."""
+    path = Path(run_dir) / name / "metrics_val.json"
+    return json.loads(path.read_text()).get("val_acc") if path.is_file() else None
 
 
 def card_info() -> dict:

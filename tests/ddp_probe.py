@@ -60,3 +60,66 @@ class RecordRanks(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         record = {**record, "world": trainer.world_size, "eval_rows": self.eval_rows}
         (self.out / f"{stage}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "all_to_all_single",
+    "barrier",
+    "broadcast_object_list",
+    "all_gather_object",
+    "gather_object",
+)
+
+
+class RecordCollectives(L.Callback):
+    """Record every `torch.distributed` collective this rank calls from `setup` to `teardown` (the
+    cache build of `fit` included): op name, and device, dtype and shape of each tensor argument.
+    Writes `<out>/collectives-<stage>-rank{r}.json` with the strategy's root device."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.calls: list[dict] = []
+        self._saved: dict = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import torch.distributed as dist
+
+        self.calls = []
+        for name in COLLECTIVES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+            setattr(dist, name, self._recording(name, original))
+
+    def _recording(self, name: str, original):
+        import torch
+
+        def call(*args, **kwargs):
+            tensors = []
+            for a in [*args, *kwargs.values()]:
+                for t in a if isinstance(a, (list, tuple)) else [a]:
+                    if isinstance(t, torch.Tensor):
+                        tensors.append([t.device.type, str(t.dtype), list(t.shape)])
+            self.calls.append({"op": name, "tensors": tensors})
+            return original(*args, **kwargs)
+
+        return call
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        import torch.distributed as dist
+
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = {"root_device": trainer.strategy.root_device.type, "calls": self.calls}
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn here
+        path = self.out / f"collectives-{stage}-rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,16 +33,39 @@ def test_without_cuda_it_says_so_and_exits_cleanly(tmp_path, capsys):
 
 
 def test_dry_run_prints_a_plan_whose_configs_exist(tmp_path, capsys):
+    import yaml
+
     gpu_check = _gpu_check()
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path / "gpu.json")]) == 0
     printed = capsys.readouterr().out
     plan = gpu_check.commands(str(tmp_path))
-    assert set(plan) == {"quickstart_fit", "quickstart_test", "ddp_fit"}
+    assert set(plan) == {
+        "cached_fit",
+        "online_fit",
+        "one_gpu_validate",
+        "ddp_fit",
+        "ddp_validate",
+        "fsdp_fit",
+        "fsdp_validate",
+    }
+    gpu_check.write_configs(str(tmp_path))
     for name, cmd in plan.items():
         assert f"{name}: " in printed
-        configs = [cmd[i + 1] for i, arg in enumerate(cmd) if arg in ("--config", "--trainer")]
-        assert configs and all((REPO / c).is_file() for c in configs), configs
-    assert "configs/trainer/ddp.yaml" in plan["ddp_fit"]
+        config, trainer = cmd[cmd.index("--config") + 1], cmd[cmd.index("--trainer") + 1]
+        assert Path(config).is_file() and (REPO / trainer).is_file(), cmd
+        run = yaml.safe_load(Path(config).read_text())
+        # every run writes under its own directory, none into runs/quickstart
+        assert "runs/quickstart" not in Path(config).read_text()
+        assert run["trainer"]["default_root_dir"] == str(tmp_path / Path(config).stem)
+        # an uneven share of validation rows for every GPU count
+        assert all(run["data"]["max_eval_samples"] % n for n in range(2, 9))
+    # DDP and FSDP validate the one-GPU checkpoint, on every GPU, with their presets
+    ckpt = plan["one_gpu_validate"][plan["one_gpu_validate"].index("--ckpt_path") + 1]
+    for strategy in ("ddp", "fsdp"):
+        cmd = plan[f"{strategy}_validate"]
+        assert cmd[cmd.index("--ckpt_path") + 1] == ckpt
+        assert f"configs/trainer/{strategy}.yaml" in cmd and f"configs/trainer/{strategy}.yaml" in plan[f"{strategy}_fit"]
+    assert "online" in plan["online_fit"]
 
 
 @pytest.mark.slow

@@ -131,6 +131,11 @@ class SplitSource:
         i = 0
         try:
             for batch in ds.iter(batch_size=READ_BATCH):
+                if text_field not in batch:
+                    raise DataError(
+                        f"{self.name}: no field '{text_field}' (fields: {list(batch)}); "
+                        "set data.text_field to the text column"
+                    )
                 texts = batch[text_field]
                 labels = batch.get(label_field) or [None] * len(texts)
                 for text, value in zip(texts, labels):
@@ -180,9 +185,11 @@ def resolve_splits(
     """
     explicit = _explicit_files(train_path, val_path, test_path, data_files)
     if dataset in NAMED_DATASETS and explicit:
-        given = ", ".join(_explicit_keys(train_path, val_path, test_path, data_files))
+        keys = _explicit_keys(train_path, val_path, test_path, data_files)
+        given = " and ".join(keys)
         raise ConfigError(
-            f"data.dataset is the named dataset {dataset!r} and {given} gives split files of your own: a run "
+            f"data.dataset is the named dataset {dataset!r} and {given} give{'s' if len(keys) == 1 else ''} "
+            "split files of your own: a run "
             f"would train, validate or test on a mix of both. Use one: set data.dataset to null "
             f"(--data.dataset null) to use your files, or drop {given}"
         )

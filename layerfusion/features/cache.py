@@ -220,7 +220,7 @@ class FeatureCache:
             hit = Path(plan[1])
             served = "" if hit == path else f" (layers {key['layers']} of it)"
             log.info("feature cache hit: %s%s", hit, served)
-            return open_entry(hit).select(key["layers"])
+            return _open_on_every_rank(dist, hit).select(key["layers"])
         _, chunk_rows, present = plan
         build = build_dir(path, chunk_rows)
         start, failure = time.perf_counter(), None
@@ -246,7 +246,7 @@ class FeatureCache:
             dist,
             lambda: ("ok", str(self._finish(key, path, build, self.last_build_seconds, reason))),
         )
-        return open_entry(Path(done[1])).select(key["layers"])
+        return _open_on_every_rank(dist, Path(done[1])).select(key["layers"])
 
     def _plan(self, key: dict, path: Path, dim: int) -> tuple:
         """Rank 0's decision: `("hit", entry)`, or `("build", chunk_rows, chunks on disk)` after checking
@@ -504,6 +504,23 @@ def _on_rank_zero(dist: Distributed, decide: Callable[[], tuple]) -> tuple:
     if outcome[0] == "error":
         raise FeatureCacheError(outcome[1])
     return outcome
+
+
+def _open_on_every_rank(dist: Distributed, path: Path) -> CachedFeatures:
+    """`open_entry(path)` on every rank; a failure on any rank (e.g. NFS not yet showing rank 0's fresh
+    manifest) is raised on every rank, naming the rank, instead of leaving the others in a collective."""
+    try:
+        entry, message = open_entry(path), None
+    except Exception as err:
+        if dist.world_size == 1:
+            raise
+        entry = None
+        message = str(err) if isinstance(err, LayerFusionError) else f"{type(err).__name__}: {err}"
+    messages = [dist.broadcast(message, src=r) for r in range(dist.world_size)]
+    for r, m in enumerate(messages):
+        if m is not None:
+            raise FeatureCacheError(f"feature cache entry cannot be opened on rank {r}: {m}")
+    return entry
 
 
 def _safe(name: str) -> str:
