@@ -41,7 +41,7 @@ from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars, resolve_model
 from layerfusion.fusion.heads import build_head
 
-SERVER_ARGS = ["--device", "cpu", "--max-batch-size", "16", "--batch-timeout", "0.01"]
+SERVER_ARGS = ["--device", "cpu", "--max-batch-size", "16"]
 TARGETS = {"failed": 0, "throughput_ratio_16_clients": 0.8, "rss_growth": 0.05}
 
 
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16", help="client counts (default: 1,4,16)")
     parser.add_argument("--requests", type=int, default=128, help="requests per client count and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
+    parser.add_argument("--batch-timeout", default="0.01", help="the server's (default: 0.01 s)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "serve.json"))
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -62,7 +63,8 @@ def main() -> None:
         clf = load(model)
         labels = [clf.label_names[i] for i in np.asarray(clf.predict_proba(texts)).argmax(1)]
         results = {"machine": machine_info(), "model": describe_model(args.model, clf)}
-        with Server(model) as server:
+        results["machine"]["load_average_at_start"] = os.getloadavg()
+        with Server(model, ["--batch-timeout", args.batch_timeout]) as server:
             rss = {"ready": server.rss()}
             for n in clients:  # warm-up: every batch size once, not counted
                 run_clients(server.port, texts[: 4 * n], n)
@@ -101,10 +103,11 @@ def main() -> None:
                 }
                 log(f"{n} client(s): {json.dumps(per_n[str(n)])}")
             rss["end"] = server.rss()
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     growth = rss["end"] / rss["after_warmup"] - 1
     results.update(
         settings={
-            "server_args": SERVER_ARGS,
+            "server_args": SERVER_ARGS + ["--batch-timeout", args.batch_timeout],
             "requests_per_round": len(texts),
             "rounds": args.rounds,
             "texts": "SST-2 test sentences, in file order, one per request",
@@ -221,15 +224,15 @@ def run_clients(port: int, texts: list[str], clients: int) -> dict:
 class Server:
     """`python -m layerfusion serve MODEL` on a free port of 127.0.0.1, from ready to SIGTERM."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, args: list[str]) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.model = model
+        self.model, self.args = model, args
 
     def __enter__(self) -> Server:
         cmd = [sys.executable, "-m", "layerfusion", "serve", self.model, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd + SERVER_ARGS, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.proc = subprocess.Popen(cmd + SERVER_ARGS + self.args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:

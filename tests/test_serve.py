@@ -105,10 +105,14 @@ def server(classifier_dir, tmp_path_factory):
             proc.kill()
             pytest.fail("the server was not ready within 180 s")
         time.sleep(0.5)
+    children = {pid: _started(pid) for pid in _descendants(proc.pid)}
     yield proc, port, stderr, cwd
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    for pid, started in children.items():  # what a failed test left running (same pid, same start)
+        if _alive(pid) and _started(pid) == started:
+            os.kill(pid, signal.SIGKILL)
     stderr.close()
 
 
@@ -306,6 +310,14 @@ def _cpu_ticks(pid: int) -> int:
     except OSError:
         return 0
     return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _started(pid: int) -> str | None:
+    """When the process started (clock ticks after boot): tells a pid apart from a later reuse."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
