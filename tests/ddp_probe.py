@@ -123,3 +123,33 @@ class RecordCollectives(L.Callback):
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn here
         path = self.out / f"collectives-{stage}-rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))
+
+
+class FailOnRank(L.Callback):
+    """Raise on one rank only, at `point`: `train` (a training step), `predict` (a predict step) or
+    `merge` (PredictionWriter's merge of the ranks' parts, as a full disk would)."""
+
+    def __init__(self, point: str, rank: int = 1) -> None:
+        self.point, self.rank = point, rank
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.global_rank != self.rank or self.point != "merge":
+            return
+        import errno
+
+        from layerfusion.callbacks import PredictionWriter
+
+        def full(writer, world):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        PredictionWriter._merge = full
+
+    def _maybe(self, trainer, point: str) -> None:
+        if trainer.global_rank == self.rank and self.point == point:
+            raise RuntimeError(f"injected failure on rank {self.rank} at {point}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._maybe(trainer, "train")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._maybe(trainer, "predict")
