@@ -79,7 +79,7 @@ def sandbox(tmp_path, shared_data, monkeypatch) -> Path:
         ]
         cfg["model"]["cache_dir"] = str(tmp_path / "cache")
         trainer = cfg["trainer"]
-        trainer.update(max_epochs=2, enable_progress_bar=False, enable_model_summary=False)
+        trainer.update(max_epochs=1, enable_progress_bar=False, enable_model_summary=False)
         trainer["logger"] = {  # W&B's offline runs are tested in test_cli, in their own processes
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": "${trainer.default_root_dir}"},
