@@ -117,7 +117,7 @@ class PredictionWriter(BasePredictionWriter):
         self._out.close()
         strategy = trainer.strategy
         # every rank learns of a problem on any rank, and all stop together
-        flag = torch.tensor(float(self._problem is not None), device=pl_module.device)
+        flag = torch.tensor(float(self._problem is not None), device=strategy.root_device)
         if strategy.reduce(flag, reduce_op="sum").item() > 0:
             self._discard(trainer)
             raise RuntimeError(

@@ -85,7 +85,7 @@ class ResourceMonitor(L.Callback):
         seconds = time.perf_counter() - self._start[name]
         seconds -= _extract_seconds(pl_module) - self._extract_before[name]
         # ranks may hold one row more or less (unpadded evaluation): add up what each one saw
-        mine = torch.tensor(self._examples[name], device=pl_module.device)
+        mine = torch.tensor(self._examples[name], device=trainer.strategy.root_device)
         examples = int(trainer.strategy.reduce(mine, reduce_op="sum"))
         self._examples[name] = examples
         figures = {

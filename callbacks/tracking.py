@@ -25,11 +25,12 @@ def gather_rows(pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tenso
     """
     if pl_module.trainer.world_size == 1:
         return rows
-    count = torch.tensor([len(rows)], device=pl_module.device)
+    device = pl_module.trainer.strategy.root_device  # FSDP does not update `pl_module.device`
+    count = torch.tensor([len(rows)], device=device)
     counts = pl_module.all_gather(count).flatten().tolist()
     padded = rows.new_zeros((max(counts), *rows.shape[1:]))
     padded[: len(rows)] = rows
-    gathered = pl_module.all_gather(padded.to(pl_module.device)).cpu()
+    gathered = pl_module.all_gather(padded.to(device)).cpu()
     return torch.cat([gathered[r, :n] for r, n in enumerate(counts)])
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -147,8 +148,6 @@ def build_cli(
     """A `LayerFusionCLI` (or `cli_class`) over `args` (a config dict or a command line), built but not
     run (unless `run=True`), as `layerfusion fit` builds it; the process's own `sys.argv` is ignored.
     `kwargs` go to the CLI (defaults: no saved config, no automatic optimizers)."""
-    import sys
-
     kwargs = {
         "run": False,
         "save_config_callback": None,
@@ -196,10 +195,23 @@ def log_to_stderr() -> None:
     """Show layerfusion's INFO messages (extraction progress, cache hits) like Lightning's own."""
     logger = logging.getLogger("layerfusion")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[layerfusion] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each message, not as it was when the handler was made (a
+    notebook, a test runner or a server may replace it, and the old one may be closed by then)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def quiet_console() -> None:

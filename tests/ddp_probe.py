@@ -123,3 +123,47 @@ class RecordCollectives(L.Callback):
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn here
         path = self.out / f"collectives-{stage}-rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))
+
+
+class FailOnRank(L.Callback):
+    """Raise on one rank only, at `point`: `train` (a training step), `predict` (a predict step) or
+    `merge` (PredictionWriter's merge of the ranks' parts, as a full disk would)."""
+
+    def __init__(self, point: str, rank: int = 1) -> None:
+        self.point, self.rank = point, rank
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.global_rank != self.rank or self.point != "merge":
+            return
+        import errno
+
+        from layerfusion.callbacks import PredictionWriter
+
+        def full(writer, world):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        PredictionWriter._merge = full
+
+    def _maybe(self, trainer, point: str) -> None:
+        if trainer.global_rank == self.rank and self.point == point:
+            raise RuntimeError(f"injected failure on rank {self.rank} at {point}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._maybe(trainer, "train")
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._maybe(trainer, "predict")
+
+
+def collectives_nccl_accepts(probe: Path, stage: str) -> int:
+    """Check the collectives both ranks called in `stage`: the same ops in the same order, every tensor
+    on the strategy's root device and of the same shape and dtype on both ranks (NCCL's rules; Gloo
+    tolerates more). The number of collectives checked."""
+    ranks = [json.loads((probe / f"collectives-{stage}-rank{r}.json").read_text()) for r in range(2)]
+    calls0, calls1 = ranks[0]["calls"], ranks[1]["calls"]
+    assert [c["op"] for c in calls0] == [c["op"] for c in calls1], stage
+    for a, b in zip(calls0, calls1, strict=True):
+        assert a["tensors"] == b["tensors"], (stage, a, b)  # device, dtype, shape per tensor
+        for device, _, _ in a["tensors"]:
+            assert device == ranks[0]["root_device"], (stage, a)
+    return len(calls0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -29,16 +28,6 @@ from layerfusion.module import LayerFusionModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def _restore_log_handlers():
-    """The CLI's `log_to_stderr` binds a handler to the stderr of its time (pytest's capture of one
-    test): remove what a test added, or later tests' stderr holds "--- Logging error ---" tracebacks."""
-    logger = logging.getLogger("layerfusion")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
 
 TEXTS = ["a gripping, beautifully acted film", "dull", "so-so", "it is what it is . " * 20]
 LAYERS = {"bert": [0, 2], "gpt2": [1]}  # gpt2 has hidden states 0..2: layer 1 is an early exit
@@ -284,16 +273,32 @@ def test_sklearn_pipeline_and_encode_styles(trained, tiny_models):
     assert np.allclose(proba.sum(1), 1, atol=1e-6)
     assert isinstance(clf.classes_, np.ndarray) and clf.classes_.tolist() == ["0", "1"]
     labels = clf.predict(TEXTS)
-    assert isinstance(labels, np.ndarray) and labels.tolist() == clf.classes_[proba.argmax(1)].tolist()
+    assert (
+        isinstance(labels, np.ndarray) and labels.tolist() == clf.classes_[proba.argmax(1)].tolist()
+    )
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
-    pipe = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_models["bert"]))
-    calls = [("dull", {}), (TEXTS[:2], {}), ("dull", {"top_k": 2}), (TEXTS[:2], {"top_k": None}), (TEXTS[:2], {"top_k": 1})]
+    pipe = pipeline(
+        "text-classification",
+        model=model,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_models["bert"]),
+    )
+    calls = [
+        ("dull", {}),
+        (TEXTS[:2], {}),
+        ("dull", {"top_k": 2}),
+        (TEXTS[:2], {"top_k": None}),
+        (TEXTS[:2], {"top_k": 1}),
+    ]
     for texts, kwargs in calls:
         assert _shape(clf(texts, **kwargs)) == _shape(pipe(texts, **kwargs)), (texts, kwargs)
-    assert clf(TEXTS) == [{"label": lab, "score": pytest.approx(float(p.max()))} for lab, p in zip(labels, proba)]
+    assert clf(TEXTS) == [
+        {"label": lab, "score": pytest.approx(float(p.max()))} for lab, p in zip(labels, proba)
+    ]
     ranked = clf(TEXTS, top_k=None)
-    assert [[d["label"] for d in r] for r in ranked] == [clf.classes_[np.argsort(-p)].tolist() for p in proba]
+    assert [[d["label"] for d in r] for r in ranked] == [
+        clf.classes_[np.argsort(-p)].tolist() for p in proba
+    ]
     assert all(r[0]["score"] >= r[1]["score"] for r in ranked)
 
     fused = clf.encode(TEXTS)
@@ -321,7 +326,9 @@ def test_token_budget_batching_and_progress_bar(trained, capsys):
     assert sum(r for r, _ in shapes) == len(texts)
     assert all(r * w <= 64 or r == 1 for r, w in shapes), shapes
     assert len({r for r, _ in shapes}) > 1, shapes  # rows per pass follow the lengths
-    one_by_one = Classifier.from_checkpoint(trained[0], device="cpu", token_budget=None, batch_size=1)
+    one_by_one = Classifier.from_checkpoint(
+        trained[0], device="cpu", token_budget=None, batch_size=1
+    )
     assert np.allclose(probs, one_by_one.predict_proba(texts), atol=1e-5)
     capsys.readouterr()
 
@@ -356,7 +363,9 @@ def test_blank_texts_single_strings_and_non_finite_features(trained, tiny_models
     token = clf.encoders["bert"].tokenizer("dull")["input_ids"][1]
     with torch.no_grad():
         clf.encoders["bert"].model.embeddings.word_embeddings.weight[token] = float("inf")
-    with pytest.raises(LayerFusionError, match=r"encoder bert gave NaN at layer \d+ for texts\[1\]"):
+    with pytest.raises(
+        LayerFusionError, match=r"encoder bert gave NaN at layer \d+ for texts\[1\]"
+    ):
         clf.predict_proba(["fine", "dull"])
 
     # the same encoder on disk, behind a saved classifier: `classify` stops with one line, no NaN JSON
@@ -392,7 +401,7 @@ def test_classify_reads_files_as_training_does(trained, tmp_path, capsys):
 
     out = Classifier.from_checkpoint(trained[0], device="cpu").save(tmp_path / "clf")
     clf = Classifier.load(out, device="cpu")
-    texts = ['good, really good', 'a "quoted" word', "two\nlines", "bad"]
+    texts = ["good, really good", 'a "quoted" word', "two\nlines", "bad"]
     plain = ["good", "so so", "bad"]  # TSV and .txt: no tabs, quotes or newlines in a cell
     files = {}
     with open(tmp_path / "in.csv", "w", newline="", encoding="utf-8") as fh:
@@ -400,9 +409,13 @@ def test_classify_reads_files_as_training_does(trained, tmp_path, capsys):
         writer.writerow(["id", "review", "label"])
         writer.writerows([i, t, "x"] for i, t in enumerate(texts))
     files["in.csv"] = texts
-    (tmp_path / "in.tsv").write_text("review\tid\n" + "".join(f"{t}\t{i}\n" for i, t in enumerate(plain)))
+    (tmp_path / "in.tsv").write_text(
+        "review\tid\n" + "".join(f"{t}\t{i}\n" for i, t in enumerate(plain))
+    )
     files["in.tsv"] = plain
-    (tmp_path / "in.json").write_text(json.dumps([{"review": t, "id": i} for i, t in enumerate(texts)], indent=1))
+    (tmp_path / "in.json").write_text(
+        json.dumps([{"review": t, "id": i} for i, t in enumerate(texts)], indent=1)
+    )
     files["in.json"] = texts
     with gzip.open(tmp_path / "in.jsonl.gz", "wt", encoding="utf-8") as fh:
         fh.writelines(json.dumps({"review": t}) + "\n" for t in texts)
@@ -413,7 +426,18 @@ def test_classify_reads_files_as_training_does(trained, tmp_path, capsys):
     files["in.txt"] = plain
     for name, expected in files.items():
         with pytest.raises(SystemExit) as exit_:
-            main(["classify", str(out), "--file", str(tmp_path / name), "--text-field", "review", "--device", "cpu"])
+            main(
+                [
+                    "classify",
+                    str(out),
+                    "--file",
+                    str(tmp_path / name),
+                    "--text-field",
+                    "review",
+                    "--device",
+                    "cpu",
+                ]
+            )
         captured = capsys.readouterr()
         assert exit_.value.code == 0, (name, captured.err)
         rows = [json.loads(line) for line in captured.out.splitlines()]
@@ -423,7 +447,9 @@ def test_classify_reads_files_as_training_does(trained, tmp_path, capsys):
     # streamed: the first block is printed before a blank row further on stops the command
     n = BLOCK_ROWS + 6
     big = tmp_path / "big.jsonl"
-    big.write_text("".join(json.dumps({"text": "   " if i == n - 2 else f"row {i}"}) + "\n" for i in range(n)))
+    big.write_text(
+        "".join(json.dumps({"text": "   " if i == n - 2 else f"row {i}"}) + "\n" for i in range(n))
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["classify", str(out), "--file", str(big), "--device", "cpu"])
     captured = capsys.readouterr()
@@ -456,11 +482,16 @@ def test_save_is_a_set_and_keeps_a_users_readme(trained, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         b.save(folder)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "head.safetensors"]  # no temp files
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "head.safetensors",
+    ]  # no temp files
     with pytest.raises(CheckpointError, match="no classifier.json.*did not finish; save it again"):
         Classifier.load(folder)
     b.save(folder)
-    assert np.allclose(Classifier.load(folder).predict_proba(TEXTS), b.predict_proba(TEXTS), atol=1e-6)
+    assert np.allclose(
+        Classifier.load(folder).predict_proba(TEXTS), b.predict_proba(TEXTS), atol=1e-6
+    )
 
     # a head file replaced after the save is refused
     other = a.save(tmp_path / "other")

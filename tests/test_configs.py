@@ -152,8 +152,8 @@ def test_fsdp_strategy_wraps_each_encoder_block():
 
     from layerfusion.strategies import FrozenEncoderFSDPStrategy
 
-    policy = FrozenEncoderFSDPStrategy().kwargs["auto_wrap_policy"]
-    assert {BertLayer, LlamaDecoderLayer} <= set(policy._module_classes)
+    policy = FrozenEncoderFSDPStrategy().kwargs["auto_wrap_policy"]  # a CustomPolicy
+    assert {BertLayer, LlamaDecoderLayer} <= set(policy._lambda_fn.block_types)
     with pytest.raises(ValueError, match="cannot import 'nope.Block'"):
         FrozenEncoderFSDPStrategy(wrap_classes=["nope.Block"])
 
