@@ -48,9 +48,13 @@ TARGETS = {"failed": 0, "throughput_ratio_16_clients": 0.8, "rss_growth": 0.05}
 def main() -> None:
     """Run the load benchmark and write its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a .ckpt or classifier folder (default: MiniLM, untrained head)")
+    parser.add_argument(
+        "--model", help="a .ckpt or classifier folder (default: MiniLM, untrained head)"
+    )
     parser.add_argument("--clients", default="1,4,16", help="client counts (default: 1,4,16)")
-    parser.add_argument("--requests", type=int, default=128, help="requests per client count and round")
+    parser.add_argument(
+        "--requests", type=int, default=128, help="requests per client count and round"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: 3)")
     parser.add_argument("--batch-timeout", default="0.01", help="the server's (default: 0.01 s)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "serve.json"))
@@ -232,7 +236,9 @@ class Server:
 
     def __enter__(self) -> Server:
         cmd = [sys.executable, "-m", "layerfusion", "serve", self.model, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd + SERVER_ARGS + self.args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.proc = subprocess.Popen(
+            cmd + SERVER_ARGS + self.args, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:

@@ -66,7 +66,6 @@ class ClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         """Load the classifier once for this worker, on `device`."""
         import torch
-
         from tqdm import tqdm
 
         # a thread lock for tqdm (the classifier's progress bar, off here): its default is a
@@ -126,7 +125,9 @@ class RequestGuard:
         max_body_bytes: largest request body accepted (413 beyond it).
     """
 
-    def __init__(self, app, max_texts: int = MAX_TEXTS, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app, max_texts: int = MAX_TEXTS, max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
         self.app, self.max_texts, self.max_body_bytes = app, max_texts, max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
@@ -224,7 +225,9 @@ def serve(
     """Serve the classifier in `model` until Ctrl+C or SIGTERM (see the module docstring for the endpoints)."""
     accelerator, devices = _parse_device(device)
     if workers < 1 or max_batch_size < 1 or max_texts < 1 or max_body_bytes < 1:
-        raise ConfigError("--workers, --max-batch-size, --max-texts and --max-body-bytes must be >= 1")
+        raise ConfigError(
+            "--workers, --max-batch-size, --max-texts and --max-body-bytes must be >= 1"
+        )
     if batch_timeout < 0 or timeout <= batch_timeout:
         raise ConfigError("--batch-timeout must be >= 0 and below --timeout")
     _check_port(host, port)
@@ -283,7 +286,13 @@ def describe(
     for key, encoder in clf.encoders.items():
         recorded = ids[key]  # what the head was trained on, checked against the loaded encoder
         row = {"key": key, "name": encoder.spec.name}
-        row.update({f: recorded[f] for f in ("revision", "weights_sha256", "tokenizer_sha256") if recorded.get(f)})
+        row.update(
+            {
+                f: recorded[f]
+                for f in ("revision", "weights_sha256", "tokenizer_sha256")
+                if recorded.get(f)
+            }
+        )
         row["layers"] = clf.layers[key]
         row["compute_dtype"] = encoder.compute_precision(device_type)
         encoders.append(row)
@@ -303,7 +312,11 @@ def load_classifier(model: str | os.PathLike, **kwargs: Any):
     from layerfusion.classifier import Classifier
 
     path = Path(model)
-    return Classifier.load(path, **kwargs) if path.is_dir() else Classifier.from_checkpoint(path, **kwargs)
+    return (
+        Classifier.load(path, **kwargs)
+        if path.is_dir()
+        else Classifier.from_checkpoint(path, **kwargs)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -315,10 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Serve a trained classifier over HTTP (LitServe): POST /predict with "
         '{"text": ...} or {"texts": [...]} (optional "top_k"), GET /health, GET /info.',
     )
-    parser.add_argument("model", metavar="CKPT_OR_DIR", help="a .ckpt file or a saved classifier folder")
+    parser.add_argument(
+        "model", metavar="CKPT_OR_DIR", help="a .ckpt file or a saved classifier folder"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
     parser.add_argument("--port", type=int, default=8000, help="default: 8000")
-    parser.add_argument("--workers", type=int, default=1, help="inference processes per device (default: 1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="inference processes per device (default: 1)"
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -342,12 +359,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.01,
         help="seconds a batch waits for more requests (default: 0.01)",
     )
-    parser.add_argument("--max-texts", type=int, default=MAX_TEXTS, help=f"texts per request (default: {MAX_TEXTS})")
     parser.add_argument(
-        "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help=f"request body limit (default: {MAX_BODY_BYTES})"
+        "--max-texts", type=int, default=MAX_TEXTS, help=f"texts per request (default: {MAX_TEXTS})"
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds a request may wait for a worker (default: 30; 504 after)"
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help=f"request body limit (default: {MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait for a worker (default: 30; 504 after)",
     )
     parser.add_argument(
         "--trust-remote-code",
@@ -357,7 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "0.0.0.0", "::"):
-        parser.error(f"--host must be 127.0.0.1, 0.0.0.0 or :: (LitServe binds no other), got {args.host}")
+        parser.error(
+            f"--host must be 127.0.0.1, 0.0.0.0 or :: (LitServe binds no other), got {args.host}"
+        )
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port must be in 1024..65535, got {args.port}")
     serve(
@@ -412,7 +439,9 @@ class _Server(ls.LitServer):
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal") -> None:
+    def _perform_graceful_shutdown(
+        self, manager, uvicorn_workers, shutdown_reason="normal"
+    ) -> None:
         # LitServe 0.2.19 may run this twice at once (main thread, and its monitor when it sees the
         # workers it is stopping), and its monitor then polls the manager it shut down (a traceback)
         with self._stop_lock:
@@ -423,7 +452,10 @@ class _Server(ls.LitServer):
             setter.start()
             setter.join(timeout=5)
             for thread in threading.enumerate():
-                if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
+                if (
+                    thread.name == "litserve-monitoring"
+                    and thread is not threading.current_thread()
+                ):
                     thread.join(timeout=self.monitor_internal + 5)
             super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
 
@@ -448,7 +480,10 @@ class _BatchedLoop(BatchedLoop):
                 transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
             )
             waited = time.monotonic() - timestamp
-            if lit_api.request_timeout not in (-1, False, None) and waited > lit_api.request_timeout:
+            if (
+                lit_api.request_timeout not in (-1, False, None)
+                and waited > lit_api.request_timeout
+            ):
                 timed_out.append((response_queue_id, uid))
             else:
                 payloads.append((response_queue_id, uid, x_enc))
@@ -456,7 +491,11 @@ class _BatchedLoop(BatchedLoop):
                 return payloads, timed_out
             remaining = deadline - time.monotonic()
             try:
-                item = request_queue.get(timeout=remaining) if remaining > 0 else request_queue.get_nowait()
+                item = (
+                    request_queue.get(timeout=remaining)
+                    if remaining > 0
+                    else request_queue.get_nowait()
+                )
             except Empty:
                 return payloads, timed_out
 
@@ -469,7 +508,9 @@ def _check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror} (choose another --port)") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {err.strerror} (choose another --port)"
+            ) from None
 
 
 def _parse_device(device: str) -> tuple[str, str | list[int]]:

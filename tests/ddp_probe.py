@@ -153,3 +153,17 @@ class FailOnRank(L.Callback):
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._maybe(trainer, "predict")
+
+
+def collectives_nccl_accepts(probe: Path, stage: str) -> int:
+    """Check the collectives both ranks called in `stage`: the same ops in the same order, every tensor
+    on the strategy's root device and of the same shape and dtype on both ranks (NCCL's rules; Gloo
+    tolerates more). The number of collectives checked."""
+    ranks = [json.loads((probe / f"collectives-{stage}-rank{r}.json").read_text()) for r in range(2)]
+    calls0, calls1 = ranks[0]["calls"], ranks[1]["calls"]
+    assert [c["op"] for c in calls0] == [c["op"] for c in calls1], stage
+    for a, b in zip(calls0, calls1, strict=True):
+        assert a["tensors"] == b["tensors"], (stage, a, b)  # device, dtype, shape per tensor
+        for device, _, _ in a["tensors"]:
+            assert device == ranks[0]["root_device"], (stage, a)
+    return len(calls0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import MINILM, REPO
+from ddp_probe import collectives_nccl_accepts
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent
@@ -55,6 +56,9 @@ def _config(d: Path, shared_data: Path, **data) -> Path:
     ]
     cfg["trainer"]["callbacks"].append(
         {"class_path": "ddp_probe.RecordRanks", "init_args": {"out": str(d / "probe")}}
+    )
+    cfg["trainer"]["callbacks"].append(
+        {"class_path": "ddp_probe.RecordCollectives", "init_args": {"out": str(d / "probe")}}
     )
     path = d / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg).replace("runs/quickstart", str(d / "run")))
@@ -100,6 +104,8 @@ def test_ddp_fit_shards_rows_and_extraction_and_syncs_everything(
     assert rank0["head"] == rank1["head"]  # identical weights on both ranks
     assert rank0["val_acc"] == rank1["val_acc"]  # synced metric
 
+    # every collective of the fit (the cache build included): what NCCL accepts
+    assert collectives_nccl_accepts(tmp_path / "probe", "fit") > 0
     # only rank 0 writes: one checkpoint set, one logger version
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "best.ckpt",
@@ -126,6 +132,8 @@ def test_ddp_fit_shards_rows_and_extraction_and_syncs_everything(
     written = tmp_path / "run" / "predictions.jsonl"
     run_cli("predict", "--config", str(cfg), "--ckpt_path", best, cwd=tmp_path)
     _exactly_once(*(r["eval_rows"]["predict"] for r in _ranks(tmp_path, "predict")), 301)
+    for stage in ("test", "predict"):
+        assert collectives_nccl_accepts(tmp_path / "probe", stage) > 0
     ddp_rows = _predictions(written)
     _one_process("predict", cfg, best, monkeypatch)
     one_rows = _predictions(written)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import MINILM, REPO
+from ddp_probe import collectives_nccl_accepts
 from torch import nn
 
 from layerfusion.encoders.frozen import ARCHITECTURES
@@ -140,7 +141,7 @@ def test_fsdp_on_two_cpu_ranks_fit_test_predict_match_one_process(
     ops = {c["op"] for c in json.loads((tmp_path / "probe" / "collectives-fit-rank0.json").read_text())["calls"]}
     # the cache build (object broadcasts), FSDP's parameter all-gathers, metric syncs
     assert {"broadcast_object_list", "all_reduce"} <= ops and ops & {"all_gather", "all_gather_into_tensor"}, ops
-    assert _collectives_nccl_accepts(tmp_path / "probe", "fit") > 0
+    assert collectives_nccl_accepts(tmp_path / "probe", "fit") > 0
 
     best = run / "checkpoints" / "best.ckpt"
     ckpt = torch.load(best, weights_only=True)
@@ -171,7 +172,7 @@ def test_fsdp_on_two_cpu_ranks_fit_test_predict_match_one_process(
     assert "encoder llama" in two.stderr and "extracted" not in two.stderr  # nothing cached: online
     fsdp_test = json.loads((run / "metrics_test.json").read_text())
     for stage in ("predict", "test"):
-        assert _collectives_nccl_accepts(tmp_path / "probe", stage) > 0
+        assert collectives_nccl_accepts(tmp_path / "probe", stage) > 0
 
     # one process on the same checkpoint
     one_test = _one_process("test", cfg, online_ckpt, monkeypatch, *rows_alone)
@@ -211,18 +212,6 @@ def _run_cli(*args: str, cwd: Path):
     return run_cli(*args, cwd=cwd, env={"PYTHONPATH": path})
 
 
-def _collectives_nccl_accepts(probe: Path, stage: str) -> int:
-    """Check the collectives both ranks called in `stage`: the same ops in the same order, every tensor
-    on the strategy's root device and of the same shape and dtype on both ranks (NCCL's rules; Gloo
-    tolerates more). The number of collectives checked."""
-    ranks = [json.loads((probe / f"collectives-{stage}-rank{r}.json").read_text()) for r in range(2)]
-    calls0, calls1 = ranks[0]["calls"], ranks[1]["calls"]
-    assert [c["op"] for c in calls0] == [c["op"] for c in calls1], stage
-    for a, b in zip(calls0, calls1, strict=True):
-        assert a["tensors"] == b["tensors"], (stage, a, b)  # device, dtype, shape per tensor
-        for device, _, _ in a["tensors"]:
-            assert device == ranks[0]["root_device"], (stage, a)
-    return len(calls0)
 
 
 def _one_process(stage: str, cfg: Path, ckpt: Path, monkeypatch, *args: str) -> dict:
@@ -236,3 +225,30 @@ def _one_process(stage: str, cfg: Path, ckpt: Path, monkeypatch, *args: str) -> 
         cli_main([stage, "--config", str(cfg), *single, *args])
     metrics = cfg.parent / "run" / f"metrics_{stage}.json"
     return json.loads(metrics.read_text()) if stage == "test" else {}
+
+
+def test_the_collective_check_refuses_what_nccl_refuses(tmp_path):
+    """`collectives_nccl_accepts` fails on unequal shapes across ranks and on a tensor off the root device."""
+
+    def write(calls1, root="cuda"):
+        calls0 = [{"op": "all_reduce", "tensors": [["cuda", "torch.float32", [3]]]}]
+        for r, calls in enumerate((calls0, calls1)):
+            record = {"root_device": root, "calls": calls}
+            (tmp_path / f"collectives-fit-rank{r}.json").write_text(json.dumps(record))
+
+    write([{"op": "all_reduce", "tensors": [["cuda", "torch.float32", [3]]]}])
+    assert collectives_nccl_accepts(tmp_path, "fit") == 1
+    write([{"op": "all_reduce", "tensors": [["cuda", "torch.float32", [2]]]}])
+    with pytest.raises(AssertionError):
+        collectives_nccl_accepts(tmp_path, "fit")
+    cpu = [{"op": "all_reduce", "tensors": [["cpu", "torch.float32", [3]]]}]
+    write(cpu)
+    for r in range(2):  # both ranks hand the collective a CPU tensor, the root device is CUDA
+        (tmp_path / f"collectives-fit-rank{r}.json").write_text(
+            json.dumps({"root_device": "cuda", "calls": cpu})
+        )
+    with pytest.raises(AssertionError, match="all_reduce"):
+        collectives_nccl_accepts(tmp_path, "fit")
+    write([{"op": "broadcast", "tensors": [["cuda", "torch.float32", [3]]]}])
+    with pytest.raises(AssertionError):
+        collectives_nccl_accepts(tmp_path, "fit")

@@ -38,7 +38,11 @@ def classifier_dir(tmp_path_factory, tiny_models) -> Path:
     specs = [
         EncoderSpec(tiny_models["bert"], max_length=32, alias="bert", compute_dtype="float32"),
         EncoderSpec(
-            tiny_models["gpt2"], pooling="last", max_length=32, alias="gpt2", compute_dtype="float32"
+            tiny_models["gpt2"],
+            pooling="last",
+            max_length=32,
+            alias="gpt2",
+            compute_dtype="float32",
         ),
     ]
     layers = {"bert": [0, 2], "gpt2": [1]}
@@ -193,7 +197,7 @@ def test_bad_request_is_a_4xx_json_error(server, body, status, detail):
 def test_clients_that_leave_do_not_block_the_others(server, expected):
     _, port, _, _ = server
     with socket.create_connection(("127.0.0.1", port)) as s:  # a body cut short
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\":")
+        s.sendall(b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"text":')
     for _ in range(3):  # a whole request, then gone before the answer
         with socket.create_connection(("127.0.0.1", port)) as s:
             body = json.dumps({"text": TEXTS[1]}).encode()
