@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from ddp_probe import RecordCollectives, collectives_nccl_accepts
 from layerfusion.callbacks import LayerImportance, LayerSelection
 from layerfusion.callbacks.layer_importance import stratified_rows
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -677,6 +678,7 @@ def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(
         # scored on samples (extracted, sharded, on both ranks) of 120 train and 60 dev rows
         importance = _importance(max_train_rows=120, max_dev_rows=60)
         cbs = [importance, LayerSelection(strategy="top_k", k=1), RecordSelection(str(out))]
+        cbs.append(RecordCollectives(str(out / "probe")))
         return _fit(
             out,
             tiny_models,
@@ -690,6 +692,8 @@ def test_ddp_spawn_ranks_score_alike_and_select_the_same_layers(
         )
 
     _, model, _ = run(2, "ddp_spawn", tmp_path / "ddp")
+    # every collective of the scoring (sample extraction, probes, scoring head, gradients): what NCCL accepts
+    assert collectives_nccl_accepts(tmp_path / "ddp" / "probe", "fit") > 0
     rank0, rank1 = (json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2))
     assert (
         rank0["world"] == 2
