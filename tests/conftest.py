@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -48,11 +49,27 @@ ARCHS = [
 
 @pytest.fixture(autouse=True)
 def _restore_global_state():
-    """Tests must not leak the default dtype or the grad mode."""
+    """Tests must not leak the default dtype, the grad mode or the console log that an in-process CLI
+    run installs on the `layerfusion` logger (a later test would see its INFO lines on stderr)."""
     dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    logger = logging.getLogger("layerfusion")
+    _restore_log(logger)  # also after a session fixture's in-process CLI run
     yield
     torch.set_default_dtype(dtype)
     torch.set_grad_enabled(grad)
+    _restore_log(logger)
+
+
+def _restore_log(logger: logging.Logger) -> None:
+    handlers, level = _PRISTINE_LOG
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+_PRISTINE_LOG = (
+    list(logging.getLogger("layerfusion").handlers),
+    logging.getLogger("layerfusion").level,
+)
 
 
 @pytest.fixture(scope="module")
