@@ -126,8 +126,9 @@ class RecordCollectives(L.Callback):
 
 
 class FailOnRank(L.Callback):
-    """Raise on one rank only, at `point`: `train` (a training step), `predict` (a predict step) or
-    `merge` (PredictionWriter's merge of the ranks' parts, as a full disk would)."""
+    """Raise on one rank only, at `point`: `importance` (the start of fit, where LayerImportance listed
+    after this callback scores), `train` (a training step), `predict` (a predict step) or `merge`
+    (PredictionWriter's merge of the ranks' parts, as a full disk would)."""
 
     def __init__(self, point: str, rank: int = 1) -> None:
         self.point, self.rank = point, rank
@@ -148,6 +149,11 @@ class FailOnRank(L.Callback):
         if trainer.global_rank == self.rank and self.point == point:
             raise RuntimeError(f"injected failure on rank {self.rank} at {point}")
 
+    def on_fit_start(
+        self, trainer, pl_module
+    ) -> None:  # listed before LayerImportance: its scoring
+        self._maybe(trainer, "importance")
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe(trainer, "train")
 
@@ -159,7 +165,9 @@ def collectives_nccl_accepts(probe: Path, stage: str) -> int:
     """Check the collectives both ranks called in `stage`: the same ops in the same order, every tensor
     on the strategy's root device and of the same shape and dtype on both ranks (NCCL's rules; Gloo
     tolerates more). The number of collectives checked."""
-    ranks = [json.loads((probe / f"collectives-{stage}-rank{r}.json").read_text()) for r in range(2)]
+    ranks = [
+        json.loads((probe / f"collectives-{stage}-rank{r}.json").read_text()) for r in range(2)
+    ]
     calls0, calls1 = ranks[0]["calls"], ranks[1]["calls"]
     assert [c["op"] for c in calls0] == [c["op"] for c in calls1], stage
     for a, b in zip(calls0, calls1, strict=True):

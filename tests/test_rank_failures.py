@@ -74,15 +74,17 @@ def test_an_entry_rank_1_cannot_open_stops_both_ranks_with_its_message(tmp_path,
 @pytest.mark.parametrize(
     ("stage", "point", "rank", "message"),
     [
+        ("fit", "importance", 1, "injected failure on rank 1 at importance"),
         ("fit", "train", 1, "injected failure on rank 1 at train"),
+        ("predict", "predict", 1, "injected failure on rank 1 at predict"),
         ("predict", "merge", 0, "rank 0 could not write"),
     ],
 )
 def test_a_failure_on_one_rank_ends_every_rank_with_its_message(
     tmp_path, tiny_models, sst2_slice, stage, point, rank, message
 ):
-    """2 ranks of the CLI (Lightning's own launcher, Gloo): rank 1 fails in a training step, or rank 0
-    cannot write the merged predictions (a full disk). The job ends at once, not after a collective
+    """2 ranks of the CLI (Lightning's own launcher, Gloo): rank 1 fails as importance scoring starts, in
+    a training step or in a predict step, or rank 0 cannot write the merged predictions (a full disk). The job ends at once, not after a collective
     timeout, and its output carries the failing rank's message."""
     import time
 
@@ -93,19 +95,31 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(
     cfg["model"]["encoders"] = [{"name": tiny_models["bert"], "max_length": 16}]
     cfg["model"]["features"] = "online"
     cfg["data"].update(dataset=str(sst2_slice), batch_size=16)
-    cfg["trainer"].update(max_epochs=1, devices=2, strategy="ddp", default_root_dir=str(tmp_path / "run"))
+    cfg["trainer"].update(
+        max_epochs=1, devices=2, strategy="ddp", default_root_dir=str(tmp_path / "run")
+    )
     cfg["trainer"]["logger"] = False
     cfg["trainer"]["callbacks"] = [
         c for c in cfg["trainer"]["callbacks"] if "PredictionWriter" in c["class_path"]
     ] + [{"class_path": "ddp_probe.FailOnRank", "init_args": {"point": point, "rank": rank}}]
+    if point == "importance":  # rank 0 scores (collectives) while rank 1 has failed
+        cfg["trainer"]["callbacks"].append({"class_path": "layerfusion.callbacks.LayerImportance"})
     path = tmp_path / "fail.yaml"
     path.write_text(yaml.safe_dump(cfg))
     tests = os.path.dirname(__file__)
     start = time.perf_counter()
-    proc = run_cli(stage, "--config", str(path), cwd=tmp_path, check=False,
-                   env={"PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)})
+    proc = run_cli(
+        stage,
+        "--config",
+        str(path),
+        cwd=tmp_path,
+        check=False,
+        env={"PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)},
+    )
     seconds = time.perf_counter() - start
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    assert seconds < 240, f"{seconds:.0f} s: a rank was left waiting"  # the collective timeout is 30 min
+    assert seconds < 240, (
+        f"{seconds:.0f} s: a rank was left waiting"
+    )  # the collective timeout is 30 min
     assert not (tmp_path / "run" / "predictions.jsonl").exists()
