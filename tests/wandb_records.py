@@ -14,8 +14,30 @@ BLOCK = 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def read_run(run_dir: Path) -> dict:
-    """`{"history": {key: [values]}, "summary": {...}, "config": {...}, "kinds": {record type: count}}`."""
+def read_run(run_dir: Path, wait: float = 60.0) -> dict:
+    """`{"history": {key: [values]}, "summary": {...}, "config": {...}, "kinds": {record type: count}}`.
+
+    W&B's service process may still be writing the log when the run's own process has exited: wait up
+    to `wait` seconds for the run's final (`exit`) record."""
+    import time
+
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            out = _read(run_dir)
+            if "exit" in out["kinds"]:
+                return out
+        except (ValueError, DecodeError):  # not written yet (empty, a partial header or record)
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _read(run_dir: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
     (log,) = list(Path(run_dir).glob("*.wandb"))
