@@ -132,7 +132,9 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             try:
                 problem = self._merge(trainer.world_size)
-            except Exception as err:  # e.g. a full disk: every rank must learn of it, not only rank 0
+            except (
+                Exception
+            ) as err:  # e.g. a full disk: every rank must learn of it, not only rank 0
                 problem = f"PredictionWriter: rank 0 could not write {self.path}: {type(err).__name__}: {err}"
         problem = strategy.broadcast(problem, src=0)
         self._discard(trainer)

@@ -26,7 +26,9 @@ class Subcommand:
 # The table of subcommands (litgpt's PARSER_DATA is the model). To add one: an entry here whose
 # function takes the argument list and returns an exit code (argparse with prog="layerfusion NAME").
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "fit": Subcommand(LIGHTNING, "train a fusion head from a config (Lightning: --config configs/x.yaml)"),
+    "fit": Subcommand(
+        LIGHTNING, "train a fusion head from a config (Lightning: --config configs/x.yaml)"
+    ),
     "validate": Subcommand(LIGHTNING, "evaluate a checkpoint on the validation split (Lightning)"),
     "test": Subcommand(LIGHTNING, "evaluate a checkpoint on the test split (Lightning)"),
     "predict": Subcommand(LIGHTNING, "write predictions for data.predict_path (Lightning)"),
@@ -42,12 +44,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "list": Subcommand(
         "layerfusion.__main__:list_main", "list known models, named datasets or fusion heads"
     ),
-    "report": Subcommand("layerfusion.report:main", "tabulate the metrics of finished run directories"),
+    "report": Subcommand(
+        "layerfusion.report:main", "tabulate the metrics of finished run directories"
+    ),
     "reproduce": Subcommand(
-        "layerfusion.reproduce:main", "train the paper's table: baselines, selection, fusion, ablations"
+        "layerfusion.reproduce:main",
+        "train the paper's table: baselines, selection, fusion, ablations",
     ),
     "analyze": Subcommand(
-        "layerfusion.analysis:main", "significance and complementarity of reproduce's run directories"
+        "layerfusion.analysis:main",
+        "significance and complementarity of reproduce's run directories",
     ),
 }
 
@@ -197,7 +203,9 @@ def _models() -> list[str]:
     rows = []
     for name in KNOWN_MODELS:
         here = (models_dir() / name / "config.json").is_file()
-        rows.append(f"{name}\t{'materialised' if here else 'get it with: layerfusion models ' + name}")
+        rows.append(
+            f"{name}\t{'materialised' if here else 'get it with: layerfusion models ' + name}"
+        )
     encoders = sorted(set(ARCHITECTURES) - DECODERS)
     rows.append(f"# any Hugging Face model of type: {', '.join(encoders)}")
     rows.append(f"# decoders (pooling: last or mean): {', '.join(sorted(DECODERS))}")
@@ -211,7 +219,9 @@ def _datasets() -> list[str]:
     for name, splits in NAMED_DATASETS.items():
         val = splits["val"] or "held out from train (data.val_fraction)"
         rows.append(f"{name}\ttrain: {splits['train']}, validation: {val}, test: {splits['test']}")
-    rows.append("# or your own files: data.train_path / val_path / test_path, a directory, or a hub id")
+    rows.append(
+        "# or your own files: data.train_path / val_path / test_path, a directory, or a hub id"
+    )
     return rows
 
 
@@ -219,7 +229,9 @@ def _heads() -> list[str]:
     from layerfusion.fusion.heads import HEADS
 
     width = max(map(len, HEADS))
-    return [f"{name:<{width}}  {cls.__doc__.strip().splitlines()[0]}" for name, cls in HEADS.items()]
+    return [
+        f"{name:<{width}}  {cls.__doc__.strip().splitlines()[0]}" for name, cls in HEADS.items()
+    ]
 
 
 if __name__ == "__main__":

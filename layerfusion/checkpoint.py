@@ -50,7 +50,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load fails in many ways on other files (IndexError, EOFError, ...)
+    except (
+        Exception
+    ) as err:  # torch.load fails in many ways on other files (IndexError, EOFError, ...)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "Weights only load failed" in reason:
             reason = "it holds pickled Python objects, not only tensors"

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from layerfusion.checkpoint import read_checkpoint  # noqa: F401 (public here too)
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
-from layerfusion.checkpoint import read_checkpoint  # noqa: F401 (public here too)
 from layerfusion.errors import CheckpointError, ConfigError, LayerFusionError
 from layerfusion.features.extraction import TOKEN_BUDGET, extract_chunk
 from layerfusion.files import fsync_dir, remove_temp_leftovers, temp_path
@@ -92,7 +92,11 @@ class Classifier:
         self.label_names: list[str] = list(config["label_names"])
         self.layers: dict[str, list[int]] = {k: list(v) for k, v in config["layers"].items()}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size, self.token_budget, self.progress_bar = batch_size, token_budget, progress_bar
+        self.batch_size, self.token_budget, self.progress_bar = (
+            batch_size,
+            token_budget,
+            progress_bar,
+        )
         self.encoders: dict[str, FrozenEncoder] = {}
         for raw in config["encoders"]:
             # the artifact's own trust_remote_code never counts: only the caller's argument
@@ -167,7 +171,7 @@ class Classifier:
             raise CheckpointError(f"{folder} is not a directory written by Classifier.save")
         if not config_path.is_file():
             hint = (
-                f" (save writes it last: a save into this folder did not finish; save it again)"
+                " (save writes it last: a save into this folder did not finish; save it again)"
                 if (folder / WEIGHTS_FILE).is_file()
                 else ""
             )
@@ -229,7 +233,9 @@ class Classifier:
         try:
             head_tmp = staged[folder / WEIGHTS_FILE] = temp_path(folder / WEIGHTS_FILE)
             save_file(state, str(head_tmp), {"format": "pt"})
-            config = {k: v for k, v in self.config.items() if k not in ("head_sha256", "card_sha256")}
+            config = {
+                k: v for k, v in self.config.items() if k not in ("head_sha256", "card_sha256")
+            }
             config["head_sha256"] = _sha256(head_tmp)
             if write_card:
                 card = self.model_card()
@@ -279,13 +285,16 @@ class Classifier:
         single = isinstance(texts, str)
         probs = self.predict_proba(texts)
         if top_k is _LEGACY:
-            return [{"label": self.label_names[int(p.argmax())], "score": float(p.max())} for p in probs]
+            return [
+                {"label": self.label_names[int(p.argmax())], "score": float(p.max())} for p in probs
+            ]
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         ranked = [
-            [{"label": self.label_names[int(j)], "score": float(p[j])} for j in np.argsort(-p, kind="stable")][
-                :top_k
-            ]
+            [
+                {"label": self.label_names[int(j)], "score": float(p[j])}
+                for j in np.argsort(-p, kind="stable")
+            ][:top_k]
             for p in probs
         ]
         return ranked[0] if single else ranked
@@ -431,8 +440,6 @@ clf.encode(["a text to classify"])  # [N, width] fused representation (sentence-
 
 Command line: `python -m layerfusion classify path/to/this/folder "a text" "another"`.
 """
-
-
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -97,7 +97,9 @@ class FrozenEncoderFSDPStrategy(FSDPStrategy):
             **kwargs,
         )
         _lightning_fsdp._move_torchmetrics_to_device(model, device)
-        _lightning_fsdp._setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        _lightning_fsdp._setup_activation_checkpointing(
+            model, self._activation_checkpointing_kwargs
+        )
         return model
 
     def lightning_module_state_dict(self) -> dict:

@@ -26,13 +26,24 @@ complete config.
 def sections() -> list[tuple[str, str, type, str]]:  # noqa: E501
     """(title, config key, class, how it is used) of each documented part."""
     import layerfusion.callbacks as callbacks
+
     from layerfusion.data.datamodule import TextClassificationDataModule
     from layerfusion.encoders.frozen import EncoderSpec
     from layerfusion.module import LayerFusionModule
 
     out = [
-        ("data", "data", TextClassificationDataModule, "`data:` in a config, `--data.KEY` on the command line"),
-        ("model", "model", LayerFusionModule, "`model:` in a config, `--model.KEY` on the command line"),
+        (
+            "data",
+            "data",
+            TextClassificationDataModule,
+            "`data:` in a config, `--data.KEY` on the command line",
+        ),
+        (
+            "model",
+            "model",
+            LayerFusionModule,
+            "`model:` in a config, `--model.KEY` on the command line",
+        ),
         (
             "model.encoders (one entry)",
             "encoder",
@@ -59,7 +70,9 @@ def render() -> str:
     """The whole reference as markdown."""
     from jsonargparse import ArgumentParser, set_parsing_settings
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # EncoderSpec's field docstrings
+    set_parsing_settings(
+        docstring_parse_attribute_docstrings=True
+    )  # EncoderSpec's field docstrings
     try:
         return _render(ArgumentParser)
     finally:
@@ -99,7 +112,9 @@ def _type(hint) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check that docs/config.md is current")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that docs/config.md is current"
+    )
     args = parser.parse_args(argv)
     text = render()
     if args.check:

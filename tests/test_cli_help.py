@@ -14,7 +14,9 @@ from conftest import REPO
 
 from layerfusion.__main__ import SUBCOMMANDS, dashed_options, main
 
-ARGPARSE_COMMANDS = [name for name, sub in SUBCOMMANDS.items() if sub.target != "layerfusion.cli:cli_main"]
+ARGPARSE_COMMANDS = [
+    name for name, sub in SUBCOMMANDS.items() if sub.target != "layerfusion.cli:cli_main"
+]
 
 
 def test_top_level_help_is_fast_and_lists_every_subcommand():
@@ -25,9 +27,22 @@ def test_top_level_help_is_fast_and_lists_every_subcommand():
     seconds = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: layerfusion ")
-    listed = [line.split()[0] for line in out.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+    listed = [
+        line.split()[0] for line in out.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()
+    ]
     assert listed == list(SUBCOMMANDS)
-    for name in ("fit", "validate", "test", "predict", "models", "report", "reproduce", "analyze", "classify", "list"):
+    for name in (
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "models",
+        "report",
+        "reproduce",
+        "analyze",
+        "classify",
+        "list",
+    ):
         assert name in SUBCOMMANDS
     assert seconds < 3, f"`layerfusion --help` took {seconds:.1f} s"
     # nothing heavy is imported for it (Lightning alone takes ~12 s)
@@ -96,11 +111,26 @@ def test_both_flag_spellings(tmp_path, capsys):
     texts.write_text(json.dumps({"body": "fine"}) + "\n")
     missing = tmp_path / "missing.ckpt"
     with pytest.raises(SystemExit) as exit_:
-        main(["classify", str(missing), "--file", str(texts), "--text_field", "body", "--batch_size=8"])
+        main(
+            [
+                "classify",
+                str(missing),
+                "--file",
+                str(texts),
+                "--text_field",
+                "body",
+                "--batch_size=8",
+            ]
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("layerfusion: error: ") and "missing.ckpt" in err, err
-    assert dashed_options(["--a_b=c_d", "x_y", "--", "--e_f"]) == ["--a-b=c_d", "x_y", "--", "--e_f"]
+    assert dashed_options(["--a_b=c_d", "x_y", "--", "--e_f"]) == [
+        "--a-b=c_d",
+        "x_y",
+        "--",
+        "--e_f",
+    ]
 
 
 def test_replacing_one_encoder_field_is_refused(capsys):

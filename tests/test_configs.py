@@ -90,7 +90,12 @@ def test_logger_presets(path: Path):
 
     preset = yaml.safe_load(path.read_text())
     logger = parse(
-        "--config", QUICKSTART, "--trainer.logger", str(path), "--trainer.default_root_dir", "runs/x"
+        "--config",
+        QUICKSTART,
+        "--trainer.logger",
+        str(path),
+        "--trainer.default_root_dir",
+        "runs/x",
     ).trainer.logger
     assert logger.class_path == preset["class_path"]
     expected = {
@@ -210,7 +215,12 @@ def test_llm_config_fits_a_tiny_qwen3(tmp_path, shared_data, minilm_dir, caplog)
     for arch, path in (("qwen3", qwen), ("bert", bert)):
         torch.manual_seed(0)
         AutoModel.from_config(tiny_config(arch, vocab)).save_pretrained(path)
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        for f in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ):
             shutil.copy(Path(minilm_dir) / f, path / f)
     llm = CONFIGS / "llm_qwen3.yaml"
     shipped = yaml.safe_load(llm.read_text())["model"]["encoders"]
@@ -252,9 +262,13 @@ def test_config_reference_is_current():
     """docs/config.md is what scripts/config_reference.py writes from today's docstrings."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("config_reference", REPO / "scripts" / "config_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", REPO / "scripts" / "config_reference.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     committed = (REPO / "docs" / "config.md").read_text()
-    assert committed == module.render(), "docs/config.md is out of date: run python scripts/config_reference.py"
+    assert committed == module.render(), (
+        "docs/config.md is out of date: run python scripts/config_reference.py"
+    )
     assert "| `train_path` |" in committed and "## callbacks: LayerSelection" in committed

@@ -101,7 +101,10 @@ def _fsdp_config(d: Path, shared_data: Path, llama: Path) -> Path:
     cfg["model"].update(cache_dir=str(d / "cache"), cache_chunk_rows=8, cache_dtype="float32")
     # 40 train rows; 21 val / test rows: not divisible by the 2 ranks
     cfg["data"].update(
-        dataset="sst2", data_dir=str(shared_data), batch_size=8, max_train_samples=40,
+        dataset="sst2",
+        data_dir=str(shared_data),
+        batch_size=8,
+        max_train_samples=40,
         max_eval_samples=21,
     )
     cfg["trainer"].update(
@@ -114,7 +117,8 @@ def _fsdp_config(d: Path, shared_data: Path, llama: Path) -> Path:
         "init_args": {"save_dir": "runs/quickstart", "name": "logs"},
     }
     cfg["trainer"]["callbacks"] = [
-        c for c in cfg["trainer"]["callbacks"]
+        c
+        for c in cfg["trainer"]["callbacks"]
         if "EarlyStopping" not in c["class_path"] and "ResourceMonitor" not in c["class_path"]
     ]
     cfg["trainer"]["callbacks"].append(
@@ -138,21 +142,30 @@ def test_fsdp_on_two_cpu_ranks_fit_test_predict_match_one_process(
     run = tmp_path / "run"
     fit = _run_cli("fit", "--config", str(cfg), cwd=tmp_path)
     assert "distributed_backend=gloo" in fit.stderr and "Starting with 2 processes" in fit.stderr
-    ops = {c["op"] for c in json.loads((tmp_path / "probe" / "collectives-fit-rank0.json").read_text())["calls"]}
+    ops = {
+        c["op"]
+        for c in json.loads((tmp_path / "probe" / "collectives-fit-rank0.json").read_text())[
+            "calls"
+        ]
+    }
     # the cache build (object broadcasts), FSDP's parameter all-gathers, metric syncs
-    assert {"broadcast_object_list", "all_reduce"} <= ops and ops & {"all_gather", "all_gather_into_tensor"}, ops
+    assert {"broadcast_object_list", "all_reduce"} <= ops and ops & {
+        "all_gather",
+        "all_gather_into_tensor",
+    }, ops
     assert collectives_nccl_accepts(tmp_path / "probe", "fit") > 0
 
     best = run / "checkpoints" / "best.ckpt"
     ckpt = torch.load(best, weights_only=True)
     assert ckpt["state_dict"] and all(k.startswith("head.") for k in ckpt["state_dict"])
     # the weights hash written under FSDP is the unwrapped encoder's (one process, no FSDP)
-    from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+    from layerfusion.encoders.frozen import FrozenEncoder
 
     for spec in _encoders(cfg):
-        assert ckpt["layerfusion"]["encoders"][spec.key]["weights_sha256"] == FrozenEncoder(
-            spec
-        ).fingerprint(), spec.key
+        assert (
+            ckpt["layerfusion"]["encoders"][spec.key]["weights_sha256"]
+            == FrozenEncoder(spec).fingerprint()
+        ), spec.key
     assert str(next(FrozenEncoder(_encoders(cfg)[1]).model.parameters()).dtype) == "torch.bfloat16"
 
     rows_alone = ["--data.batch_size", "1"]  # the same shapes on 2 ranks and on 1
@@ -208,10 +221,10 @@ def _run_cli(*args: str, cwd: Path):
 
     from conftest import run_cli
 
-    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(
+        p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
+    )
     return run_cli(*args, cwd=cwd, env={"PYTHONPATH": path})
-
-
 
 
 def _one_process(stage: str, cfg: Path, ckpt: Path, monkeypatch, *args: str) -> dict:

@@ -64,7 +64,10 @@ def test_dry_run_prints_a_plan_whose_configs_exist(tmp_path, capsys):
     for strategy in ("ddp", "fsdp"):
         cmd = plan[f"{strategy}_validate"]
         assert cmd[cmd.index("--ckpt_path") + 1] == ckpt
-        assert f"configs/trainer/{strategy}.yaml" in cmd and f"configs/trainer/{strategy}.yaml" in plan[f"{strategy}_fit"]
+        assert (
+            f"configs/trainer/{strategy}.yaml" in cmd
+            and f"configs/trainer/{strategy}.yaml" in plan[f"{strategy}_fit"]
+        )
     assert "online" in plan["online_fit"]
 
 

@@ -109,7 +109,10 @@ def test_unused_columns_that_change_type_late_do_not_matter(tmp_path):
     csv_path.write_text("\n".join(lines) + "\n")
     # JSON Lines past pyarrow's 10 MiB read block, whose unused `id` turns from integer to string
     pad = "x" * 1500
-    big = [{"id": i if i < 9_000 else f"id-{i}", "text": f"t{i} {pad}", "label": i % 2} for i in range(10_000)]
+    big = [
+        {"id": i if i < 9_000 else f"id-{i}", "text": f"t{i} {pad}", "label": i % 2}
+        for i in range(10_000)
+    ]
     jsonl_path = _jsonl(tmp_path / "late.jsonl", big)
     assert jsonl_path.stat().st_size > 14 * 2**20
     for path, count in ((csv_path, n), (jsonl_path, 10_000)):
@@ -180,8 +183,12 @@ def test_streaming_a_file_larger_than_the_memory_budget(tmp_path):
 
 def test_streaming_and_in_memory_reads_decode_labels_alike(tmp_path):
     values = [1, "00", "01", "2", "true", "1.50", 7]
-    train = _jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": values[i % 7]} for i in range(70)])
-    dev = _jsonl(tmp_path / "dev.jsonl", [{"text": f"d{i}", "label": v} for i, v in enumerate(values)])
+    train = _jsonl(
+        tmp_path / "train.jsonl", [{"text": f"t{i}", "label": values[i % 7]} for i in range(70)]
+    )
+    dev = _jsonl(
+        tmp_path / "dev.jsonl", [{"text": f"d{i}", "label": v} for i, v in enumerate(values)]
+    )
     expected = ["00", "01", "1", "1.50", "2", "7", "true"]
     mapped = TextClassificationDataModule(train_path=str(train), val_path=str(dev))
     mapped.setup("fit")
@@ -190,7 +197,10 @@ def test_streaming_and_in_memory_reads_decode_labels_alike(tmp_path):
     )
     assert mapped.label_names == streamed.label_names == expected
     batch = next(iter(streamed.train_dataloader()))
-    got = {i: streamed.label_names[y] for i, y in zip(batch["index"].tolist(), batch["labels"].tolist())}
+    got = {
+        i: streamed.label_names[y]
+        for i, y in zip(batch["index"].tolist(), batch["labels"].tolist())
+    }
     assert got == {i: str(values[i % 7]) for i in range(70)}
     for bad in (True, 1.5):
         _jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": bad}])
@@ -200,7 +210,9 @@ def test_streaming_and_in_memory_reads_decode_labels_alike(tmp_path):
                 train_path=str(tmp_path / "bad.jsonl"), streaming=True, features="online"
             ),
         ):
-            with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'label' must be a string or an integer"):
+            with pytest.raises(
+                DataError, match=r"bad\.jsonl:2: field 'label' must be a string or an integer"
+            ):
                 _ = dm.label_names
 
 
@@ -231,7 +243,9 @@ def test_report_still_reads_the_committed_results():
     from layerfusion.report import collect
 
     rows = collect([REPO / "results" / "quickstart", REPO / "results" / "scale_sst2_glue"])
-    assert [r["dataset"] for r in rows] == ["sst2", "sst2_glue"] and all(r["accuracy"] for r in rows)
+    assert [r["dataset"] for r in rows] == ["sst2", "sst2_glue"] and all(
+        r["accuracy"] for r in rows
+    )
 
 
 # -- 6. real line numbers and causes -----------------------------------------------------------------
@@ -241,7 +255,11 @@ def test_report_still_reads_the_committed_results():
     "name, content, message",
     [
         ("blank.csv", "text,label\n\na,0\n\n\nb,\n", r"blank\.csv:6: field 'label' is empty"),
-        ("blank.jsonl", '{"text": "a", "label": "0"}\n\n\n{"text": "b"}\n', r"blank\.jsonl:4: missing field 'label'"),
+        (
+            "blank.jsonl",
+            '{"text": "a", "label": "0"}\n\n\n{"text": "b"}\n',
+            r"blank\.jsonl:4: missing field 'label'",
+        ),
         (
             "quoted.csv",
             'text,label\n"one\ntwo\nthree",0\nfour,1,extra\n',
@@ -273,7 +291,9 @@ def test_quoted_tsv_cells_are_kept_with_a_warning(tmp_path, caplog):
         ex = read_file(path)
     assert ex.texts == ["plain", '"a, quoted"', '"another"']
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and re.match(r".*pandas\.tsv:3: a cell is wrapped in quotes", warnings[0])
+    assert len(warnings) == 1 and re.match(
+        r".*pandas\.tsv:3: a cell is wrapped in quotes", warnings[0]
+    )
 
 
 # -- 7. a split of several files pickles (ddp_spawn, DataLoader workers) -------------------------------
@@ -294,8 +314,12 @@ def test_a_split_of_several_files_pickles(tmp_path):
     stream = TextClassificationDataModule(data_files=files, streaming=True, features="online")
     stream.setup("fit")
     loader = stream.train_dataloader()
-    worker_copy = pickle.loads(pickle.dumps(loader.dataset))  # what a spawned DataLoader worker gets
-    assert sorted(r["index"] for r in worker_copy) == sorted(i for b in loader for i in b["index"].tolist())
+    worker_copy = pickle.loads(
+        pickle.dumps(loader.dataset)
+    )  # what a spawned DataLoader worker gets
+    assert sorted(r["index"] for r in worker_copy) == sorted(
+        i for b in loader for i in b["index"].tolist()
+    )
 
 
 # -- 8. hub datasets: configuration and revision; a mistyped path is a path --------------------------
@@ -333,7 +357,8 @@ def test_hub_dataset_configuration_and_revision(tmp_path):
         dataset="nyu-mll/glue", dataset_config_name="sst2", revision="bcdcba7"
     )
     with pytest.raises(
-        DataError, match=r"cannot load hub dataset 'nyu-mll/glue' \(configuration 'sst2', revision 'bcdcba7'\)"
+        DataError,
+        match=r"cannot load hub dataset 'nyu-mll/glue' \(configuration 'sst2', revision 'bcdcba7'\)",
     ):
         _ = hub.label_names
 
@@ -355,7 +380,9 @@ def test_sst2_and_mr_labels_read_as_negative_and_positive(shared_data, tmp_path)
     for name in ("sst2", "sst2_glue", "mr"):
         dm = TextClassificationDataModule(dataset=name, data_dir=str(shared_data))
         assert dm.label_names == ["negative", "positive"], name
-    dm = TextClassificationDataModule(dataset="sst2", data_dir=str(shared_data), max_eval_samples=10)
+    dm = TextClassificationDataModule(
+        dataset="sst2", data_dir=str(shared_data), max_eval_samples=10
+    )
     dm.setup("test")
     raw = read_file(shared_data / "sst2" / "test.jsonl").labels
     names = {"0": "negative", "1": "positive"}

@@ -63,7 +63,9 @@ def test_the_layout_lists_every_module():
     layout = (REPO / "docs" / "development.md").read_text().split("## Layout")[1]
     modules = [p for d in ("layerfusion", "callbacks") for p in (REPO / d).rglob("*.py")]
     missing = [
-        str(p.relative_to(REPO)) for p in modules if p.name != "__init__.py" and p.name not in layout
+        str(p.relative_to(REPO))
+        for p in modules
+        if p.name != "__init__.py" and p.name not in layout
     ]
     assert not missing, f"docs/development.md's Layout does not list {missing}"
 

@@ -133,12 +133,13 @@ def iter_file(
         raise DataError(f"{path}: no such file")
     fmt = file_format(path)
     reader = {"json": _json_rows, "csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows}[fmt]
-    n = 0
-    for n, row in enumerate(reader(path, fmt, text_field, label_field, require_labels), 1):
+    rows = 0
+    for row in reader(path, fmt, text_field, label_field, require_labels):
         if require_labels and row.label is None:
             raise DataError(f"{row.where}: {_missing_label(path, fmt, row, label_field)}")
+        rows += 1
         yield row
-    if n == 0:
+    if rows == 0:
         raise DataError(f"{path}: no examples (the file has no data rows)")
 
 
@@ -213,7 +214,7 @@ def _json_rows(
 ) -> Iterator[Row]:
     """JSON Lines (one object a line, blank lines skipped), or a JSON array of objects (parsed whole)."""
     lines = _lines(path)
-    for n, line in lines:
+    for n, line in lines:  # noqa: B007 (the first non-blank line is used below)
         if line.strip():
             break
     else:
@@ -232,14 +233,16 @@ def _json_rows(
         for i, obj in enumerate(objects):
             yield _object_row(obj, path, 0, i, text_field, label_field, escaped)
         return
-    i = 0
-    for n, line in _chain_first((n, line), lines):
+    i, first = 0, (n, line)
+    for n, line in _chain_first(first, lines):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{n}: malformed JSON ({err.msg} at column {err.colno})") from None
+            raise DataError(
+                f"{path}:{n}: malformed JSON ({err.msg} at column {err.colno})"
+            ) from None
         yield _object_row(obj, path, n, i, text_field, label_field, "\\u" in line)
         i += 1
 
@@ -409,7 +412,10 @@ def _columns(
     path: Path, names: list[str], text_field: str, label_field: str | None, require_labels: bool
 ):
     """Positions of the text and label columns (label None when absent)."""
-    for name, key, needed in ((text_field, "text", True), (label_field, "label", require_labels and label_field is not None)):
+    for name, key, needed in (
+        (text_field, "text", True),
+        (label_field, "label", require_labels and label_field is not None),
+    ):
         if needed and name not in names:
             raise DataError(
                 f"{path}: no field '{name}' (fields: {list(names)}); set data.{key}_field to the {key} column"

@@ -59,7 +59,9 @@ class SplitSource:
     key: str | None = None  # the split's name inside a DatasetDict / hub dataset
     config: str | None = None  # hub dataset configuration (`datasets.load_dataset(path, name)`)
     revision: str | None = None  # hub dataset revision (branch, tag or commit)
-    label_names: tuple[tuple[str, str], ...] = ()  # label as written -> label users see (named datasets)
+    label_names: tuple[
+        tuple[str, str], ...
+    ] = ()  # label as written -> label users see (named datasets)
 
     @property
     def name(self) -> str:
@@ -293,7 +295,11 @@ def _explicit_files(train_path, val_path, test_path, data_files) -> dict[str, Sp
 
 
 def _explicit_keys(train_path, val_path, test_path, data_files) -> list[str]:
-    keys = [f"data.{s}_path" for s, v in (("train", train_path), ("val", val_path), ("test", test_path)) if v]
+    keys = [
+        f"data.{s}_path"
+        for s, v in (("train", train_path), ("val", val_path), ("test", test_path))
+        if v
+    ]
     return keys + (["data.data_files"] if data_files else [])
 
 
@@ -338,7 +344,9 @@ def _dataset_splits(
     if config and path.is_dir():  # a local copy of a hub repository, with its configurations
         return _hub_splits(str(path), config)
     if config and path.is_file():
-        raise ConfigError(f"data.dataset_config_name selects a hub dataset's configuration; {dataset!r} is a file")
+        raise ConfigError(
+            f"data.dataset_config_name selects a hub dataset's configuration; {dataset!r} is a file"
+        )
     if path.is_dir():
         return _directory_splits(path)
     if path.is_file():
@@ -418,7 +426,11 @@ def _hub_splits(
         )
     out = {
         split: next(
-            (SplitSource("hub", dataset, key=k, config=config, revision=revision) for k in names if k in keys),
+            (
+                SplitSource("hub", dataset, key=k, config=config, revision=revision)
+                for k in names
+                if k in keys
+            ),
             None,
         )
         for split, names in SPLIT_NAMES.items()
@@ -438,9 +450,7 @@ def _hub_call(dataset: str, fn):
     try:
         return fn()
     except Exception as err:  # datasets raises many types; the user needs the id and the cause
-        raise DataError(
-            f"cannot load hub dataset {dataset}: {type(err).__name__}: {err}"
-        ) from err
+        raise DataError(f"cannot load hub dataset {dataset}: {type(err).__name__}: {err}") from err
 
 
 def _named_root(name: str, data_dir: str | None) -> Path:

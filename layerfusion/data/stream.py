@@ -105,9 +105,7 @@ class StreamLoader(DataLoader):
 def scan_labels(source, text_field: str, label_field: str) -> list[str]:
     """The label column of a split in one pass, one row at a time (each distinct label one string object)."""
     same: dict[str, str] = {}
-    return [
-        same.setdefault(row.label, row.label) for row in source.rows(text_field, label_field)
-    ]
+    return [same.setdefault(row.label, row.label) for row in source.rows(text_field, label_field)]
 
 
 def _buffer_shuffle(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
