@@ -21,6 +21,24 @@ from layerfusion.errors import LayerFusionError
 LINE_SUFFIXES = (".txt", ".txt.gz")  # one text per line
 
 
+def add_encoder_options(parser: argparse.ArgumentParser) -> None:
+    """`--compute-dtype` and `--trust-remote-code`, the encoder options of `classify` and `serve`."""
+    from layerfusion.encoders.frozen import COMPUTE_DTYPES
+
+    parser.add_argument(
+        "--compute-dtype",
+        default=None,
+        choices=COMPUTE_DTYPES,
+        help="precision of the encoders (default: as trained)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the encoders' model directories run their own Python code (a value stored in the "
+        "model file is never used)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Classify the texts given as arguments, then those of `--file`; print one JSON line per text."""
     parser = argparse.ArgumentParser(
@@ -45,12 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
-    parser.add_argument(
-        "--compute-dtype",
-        default=None,
-        choices=["auto", "float32", "tfloat32", "bfloat16", "float16"],
-        help="precision of the encoders (default: as trained)",
-    )
+    add_encoder_options(parser)
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -62,12 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help="at most this many padded tokens per forward pass (default: as feature extraction, 4096)",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let the encoders' model directories run their own Python code (a value stored in the "
-        "model file is never used)",
     )
     args = parser.parse_args(argv)
     if not args.texts and not args.file:

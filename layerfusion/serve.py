@@ -323,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`layerfusion serve CKPT_OR_DIR [options]`."""
     import argparse
 
+    from layerfusion.classify import add_encoder_options
+
     parser = argparse.ArgumentParser(
         prog="layerfusion serve",
         description="Serve a trained classifier over HTTP (LitServe): POST /predict with "
@@ -341,12 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="auto",
         help="auto (default: every GPU, else the CPU), cpu, cuda (every GPU) or cuda:0,1",
     )
-    parser.add_argument(
-        "--compute-dtype",
-        default=None,
-        choices=["auto", "float32", "tfloat32", "bfloat16", "float16"],
-        help="precision of the encoders (default: as trained)",
-    )
+    add_encoder_options(parser)
     parser.add_argument(
         "--max-batch-size",
         type=int,
@@ -373,12 +370,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=30.0,
         help="seconds a request may wait for a worker (default: 30; 504 after)",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let the encoders' model directories run their own Python code (a value stored in the "
-        "model file is never used)",
     )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "0.0.0.0", "::"):
