@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from layerfusion.data.readers import DataError, Examples
 from layerfusion.data.sources import (
+    STAGE_SPLITS,
     SplitSource,
     path_source,
     resolve_splits,
@@ -145,13 +146,7 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits a stage needs: fit -> train, val; validate -> val; test -> test; predict."""
-        want = {
-            "fit": ["train", "val"],
-            "validate": ["val"],
-            "test": ["test"],
-            "predict": ["predict"],
-        }
-        for split in want.get(stage or "fit", ["train", "val", "test"]):
+        for split in STAGE_SPLITS.get(stage or "fit", ["train", "val", "test"]):
             if split not in self.splits and not (split == "train" and self.streaming):
                 self.splits[split] = self._split(split)
 
