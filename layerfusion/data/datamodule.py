@@ -21,6 +21,7 @@ from layerfusion.data.sources import (
     stratified_subset,
 )
 from layerfusion.data.stream import ShardedStream, StreamLoader, read_rows, scan_labels
+from layerfusion.encoders.forward import tokenize
 from layerfusion.encoders.frozen import EncoderSpec
 from layerfusion.errors import ConfigError
 
@@ -373,7 +374,8 @@ class RowDataset(Dataset):
 
 
 class Collator:
-    """Batch rows; with tokenizers, add `inputs[encoder] = {input_ids, attention_mask}` padded per batch."""
+    """Batch rows; with tokenizers, add `inputs[encoder] = {input_ids, attention_mask}` padded per batch
+    (`encoders.forward.tokenize`, the tokenisation of the feature cache and the `Classifier`)."""
 
     def __init__(self, tokenizers: dict | None) -> None:
         self.tokenizers = tokenizers
@@ -387,12 +389,5 @@ class Collator:
             texts = [r["text"] for r in rows]
             batch["inputs"] = {}
             for key, (tok, max_len) in self.tokenizers.items():
-                enc = tok(
-                    texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
-                )
-                # single texts: no token_type_ids (GPT-2 would embed them with its token table)
-                batch["inputs"][key] = {
-                    "input_ids": enc["input_ids"],
-                    "attention_mask": enc["attention_mask"],
-                }
+                batch["inputs"][key] = tokenize(tok, texts, max_len)
         return batch
