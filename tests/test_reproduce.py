@@ -254,6 +254,31 @@ def test_rerun_reuses_finished_runs_and_redoes_damaged_ones(reproduced):
     assert _csv(tmp / "results" / "paper_table.csv")[0]["test_acc_std"] == ""
 
 
+def test_reuse_only_tabulates_finished_rows_and_trains_nothing(reproduced, tmp_path):
+    tmp, args = reproduced
+    runs = tmp / "runs"
+    missing = runs / "sst2" / "fused_last" / "seed1" / "result.json"
+    kept = missing.read_text()
+    missing.unlink()
+    try:
+        before = {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")}
+        out = tmp_path / "results"
+        main(
+            [args[0], "--seeds", "0", "1", "--out", str(out), "--runs", str(runs), "--reuse-only"]
+            + ["--methods", "selected", "gated", "fused_last"]
+        )
+        assert {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")} == before
+    finally:
+        missing.write_text(kept)
+    table = _csv(out / "paper_table.csv")
+    assert [(r["method"], r["encoders"]) for r in table] == [
+        ("selected", "mean"),
+        ("selected", "cls"),
+        ("gated", "mean+cls"),
+    ]
+    assert from_results(out)[1] == []
+
+
 def test_bad_arguments_are_named(reproduced, tmp_path):
     _, args = reproduced  # a valid (small) config first: the missing one is reported before any run
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):

@@ -201,3 +201,25 @@ def test_stacking_folds_and_fit():
     alone = good[1].argmax(1)
     assert (pred["test"] == gold_test).mean() >= (alone == gold_test).mean() - 0.03
     assert pred["val"].shape == gold_val.shape
+
+
+def test_verdicts_come_from_holm_adjusted_p(tmp_path, monkeypatch):
+    """Three rows each at raw p 0.02 against the reference: Holm gives 0.06, so no verdict is `better`."""
+    rng = np.random.default_rng(3)
+    gold = {"val": rng.integers(0, 2, 50), "test": rng.integers(0, 2, 80)}
+    good = {s: gold[s].copy() for s in ("val", "test")}
+    spec = {
+        ("", "selected", "a"): [good] * 2,
+        ("", "selected", "b"): [{"val": 1 - gold["val"], "test": gold["test"]}] * 2,
+        ("", "fused_last", "a+b"): [good] * 2,
+        ("", "gated", "a+b"): [good] * 2,
+    }
+    packed = evidence.pack(_runs(tmp_path, spec, gold))
+    fixed = {"diff": 0.01, "lo": -0.001, "hi": 0.02, "p": 0.02, "p_bound": False}
+    monkeypatch.setattr(stats, "two_level_bootstrap", lambda *a, **k: dict(fixed))
+    rows = evidence.evidence_table("toy", packed)
+    assert [r["verdict"] for r in rows] == ["reference", "n.s.", "n.s.", "n.s."]
+    assert [r["p_holm"] for r in rows[1:]] == pytest.approx([0.06, 0.06, 0.06])
+    fixed["p"] = 0.01  # 0.03 after Holm
+    rows = evidence.evidence_table("toy", packed)
+    assert [r["verdict"] for r in rows[1:]] == ["better"] * 3

@@ -114,6 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         help="low-data arm: the factorial rows again on this many training rows each (e.g. 50 200 1000)",
     )
     parser.add_argument(
+        "--low-data",
+        nargs="*",
+        metavar="CONFIG_STEM",
+        help="run the --train-rows arm only for these configs (by file stem, e.g. sst2; default: all)",
+    )
+    parser.add_argument(
+        "--low-data-methods",
+        nargs="*",
+        default=list(FACTORIAL),
+        help="the rows of the --train-rows arm (default: the factorial rows)",
+    )
+    parser.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="train nothing: tabulate the rows whose every seed has finished in an earlier invocation",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -152,9 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             out,
             runs,
             args.logger,
-            args.train_rows,
+            args.train_rows if args.low_data is None or Path(path).stem in args.low_data else [],
             args.jobs,
+            args.low_data_methods,
+            args.reuse_only,
         )
+        if not t:  # --reuse-only and nothing finished
+            continue
         name = t[0]["dataset"]
         packed[name] = evidence.pack(r)
         table += merge(t, evidence.evidence_table(name, packed[name]))

@@ -22,6 +22,12 @@ def markdown(table: list[dict], packed: dict, pairs: list[dict], args, wall: flo
         f"--share {args.share}"
         + (f" --methods {' '.join(args.methods)}" if args.methods else "")
         + (f" --train-rows {' '.join(map(str, args.train_rows))}" if args.train_rows else "")
+        + (f" --low-data {' '.join(args.low_data)}" if args.train_rows and args.low_data else "")
+        + (
+            f" --low-data-methods {' '.join(args.low_data_methods)}"
+            if args.train_rows and list(args.low_data_methods) != list(FACTORIAL)
+            else ""
+        )
         + (f" --logger {args.logger}" if args.logger != "csv" else "")
     )
     lines = [

@@ -42,12 +42,15 @@ def reproduce_dataset(
     logger: str = "csv",
     train_rows: list[int] | None = None,
     jobs: int = 1,
+    arm_methods: list[str] | tuple[str, ...] = FACTORIAL,
+    reuse_only: bool = False,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """All rows of one experiment config: (aggregated rows, per-seed results, encoder-pair analysis).
 
-    `train_rows`: the low-data arm: the `FACTORIAL` rows of `rows` again on that many training rows each
+    `train_rows`: the low-data arm: the `arm_methods` rows of `rows` again on that many training rows each
     (stratified, `data.seed`; dev and test unchanged; layers as selected on the full data). `jobs`: head
-    runs at once, each in its own worker process (`run_many`)."""
+    runs at once, each in its own worker process (`run_many`). `reuse_only`: tabulate the finished runs
+    only (a row needs every seed)."""
     from layerfusion import analysis
 
     if not path.is_file():
@@ -67,7 +70,7 @@ def reproduce_dataset(
     )
     keys = list(depth)
     arms = [(None, rows)] + [
-        (n, [r for r in rows if r.method in FACTORIAL]) for n in (train_rows or [])
+        (n, [r for r in rows if r.method in arm_methods]) for n in (train_rows or [])
     ]
     cells = []  # (n, row, encs, row_dir) in table order
     tasks = []
@@ -87,7 +90,8 @@ def reproduce_dataset(
                     k: {"val": str(entries[k][1]), "test": str(entries[k][2])} for k in encs
                 }
                 tasks += [
-                    (arm_cfg, row, encs, layers, seed, row_dir, logger, features) for seed in seeds
+                    (arm_cfg, row, encs, layers, seed, row_dir, logger, features, reuse_only)
+                    for seed in seeds
                 ]
     done = iter(run_many(tasks, jobs))
     table, per_run = [], []
@@ -97,6 +101,16 @@ def reproduce_dataset(
             results = [stack_one(probes, seeds[0], row_dir / f"seed{seeds[0]}")]
         else:
             results = [next(done) for _ in seeds]
+            if None in results:  # --reuse-only: a row is tabulated with every seed or not at all
+                log.info(
+                    "%s %s %s: %d of %d seeds finished, left out",
+                    name,
+                    row.method,
+                    "+".join(encs),
+                    len(seeds) - results.count(None),
+                    len(seeds),
+                )
+                continue
         results = [{"dataset": name, "train_rows": n or "", **r} for r in results]
         per_run += results
         table.append(
@@ -322,10 +336,12 @@ def run_one(
     row_dir: Path,
     logger: str = "csv",
     features: dict | None = None,
-) -> dict:
+    reuse_only: bool = False,
+) -> dict | None:
     """Train, validate and test one head; reuse its `result.json` when the resolved config is unchanged.
 
-    `features`: the feature-cache entries of the run's encoders (recorded for `layerfusion analyze`)."""
+    `features`: the feature-cache entries of the run's encoders (recorded for `layerfusion analyze`).
+    `reuse_only`: train nothing; None when the run has not finished before."""
     run_dir = row_dir / f"seed{seed}"
     c = copy.deepcopy(cfg)
     by_key = {_spec_key(s): s for s in c["model"]["encoders"]}
@@ -372,6 +388,8 @@ def run_one(
                 done["features"] = features  # the cache moved: the run itself is still valid
                 write_json(result_path, done)
             return {**done, "reused": True}
+    if reuse_only:
+        return None
     c["trainer"]["logger"] = _logger(logger, row_dir, seed)
     fit = _fit_linear_probe if row.head == "linear" else _fit_head
     result = {
