@@ -157,7 +157,12 @@ def main() -> None:
         targets=TARGETS,
         met={
             "failed": all(r["failed"] == 0 for r in per_n.values()),
-            "throughput_ratio_16_clients": per_n.get("16", {}).get("throughput_ratio", 0) >= 0.8,
+            # against both in-process figures: torch's default threads lose most on a busy machine
+            "throughput_ratio_16_clients": min(
+                per_n.get("16", {}).get(k, 0)
+                for k in ("throughput_ratio", "throughput_ratio_same_threads")
+            )
+            >= 0.8,
             "rss_growth": growth <= 0.05,
         },
     )

@@ -28,6 +28,7 @@ import litserve as ls
 import numpy as np
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
+from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from layerfusion.errors import ConfigError
 
@@ -473,31 +474,29 @@ class _BatchedLoop(BatchedLoop):
     """LitServe's batched loop, waiting for a batch's first request in one blocking call, then for the
     rest until `batch_timeout` after it (with 0, only those already queued). LitServe 0.2.19's own loop
     polls the request queue every millisecond while idle: ~13 % of a core per worker, with nothing to do.
-    It also sends no "started" message per request: LitServe uses those only to fail the requests of a
-    worker it restarts (`restart_workers`, off here), and each costs two more trips through the manager
-    process's queue."""
+    A request that waited past `--timeout` is answered 504 here, with a message naming the option."""
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
         try:
             item = request_queue.get(timeout=1.0)
         except Empty:
             return [], []
-        payloads, timed_out = [], []
+        payloads = []
         deadline = time.monotonic() + lit_api.batch_timeout
         while True:
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, timestamp, x_enc = item
-            waited = time.monotonic() - timestamp
-            if (
-                lit_api.request_timeout not in (-1, False, None)
-                and waited > lit_api.request_timeout
-            ):
-                timed_out.append((response_queue_id, uid))
+            self.put_response(  # LitServe drops it unless it restarts workers (off here)
+                transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
+            )
+            waited, timeout = time.monotonic() - timestamp, lit_api.request_timeout
+            if timeout not in (-1, False, None) and waited > timeout:
+                self._time_out(transport, response_queue_id, uid, waited, timeout)
             else:
                 payloads.append((response_queue_id, uid, x_enc))
             if len(payloads) >= lit_api.max_batch_size:
-                return payloads, timed_out
+                return payloads, []
             remaining = deadline - time.monotonic()
             try:
                 item = (
@@ -506,7 +505,21 @@ class _BatchedLoop(BatchedLoop):
                     else request_queue.get_nowait()
                 )
             except Empty:
-                return payloads, timed_out
+                return payloads, []
+
+    def _time_out(self, transport, response_queue_id, uid, waited: float, timeout: float) -> None:
+        """Answer 504 to a request that waited in the queue past `--timeout`, and say so once per request
+        (LitServe's own message names its Python API, not the option)."""
+        detail = f"request timed out: it waited {waited:.1f} s for a worker, over --timeout {timeout:g} s"
+        print(
+            f"layerfusion serve: {detail}; answered 504 (raise --timeout or --workers, or send less)",
+            file=sys.stderr,
+            flush=True,
+        )
+        error = PickleableHTTPException(504, detail)
+        self.put_response(
+            transport, response_queue_id, uid, error, LitAPIStatus.ERROR, LoopResponseType.REGULAR
+        )
 
 
 def _release_freed_memory() -> None:

@@ -180,6 +180,23 @@ def tiny_models(tmp_path_factory, minilm_dir) -> dict[str, str]:
     return out
 
 
+def tiny_pair_specs(tiny_models: dict[str, str]) -> list:
+    """A tiny BERT and a tiny GPT-2 (last-token pooling), 32 tokens, fp32: batch composition does not
+    change the probabilities (bf16 results depend on a batch's padding)."""
+    from layerfusion.encoders.frozen import EncoderSpec
+
+    return [
+        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert", compute_dtype="float32"),
+        EncoderSpec(
+            tiny_models["gpt2"],
+            pooling="last",
+            max_length=32,
+            alias="gpt2",
+            compute_dtype="float32",
+        ),
+    ]
+
+
 @pytest.fixture
 def sst2_slice(tmp_path, shared_data) -> Path:
     """A small local dataset directory cut from the real SST-2 (train 200, dev 80, test 80)."""
