@@ -134,6 +134,13 @@ def test_key_covers_config_buffers_tokenizer_sides_and_text_boundaries(tmp_path,
     left.tokenizer.truncation_side = "left"
     assert left.tokenizer_fingerprint() != base.tokenizer_fingerprint()
     assert cache.key(left, TEXTS, "train") != key
+    # the fingerprint is reused per tokenizer state, never across a change: an added token counts,
+    # each call's truncation/padding settings do not
+    before = left.tokenizer_fingerprint()
+    left.tokenizer(TEXTS, truncation=True, max_length=5, padding=True)
+    assert left.tokenizer_fingerprint() == before
+    left.tokenizer.add_tokens(["zzqx"])
+    assert left.tokenizer_fingerprint() != before
 
     a = cache.key(base, ["a\0", "b"], "train")["data_sha256"]
     assert a != cache.key(base, ["a", "\0b"], "train")["data_sha256"]
