@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from layerfusion import plots
+from layerfusion.data.sources import stratified_subset
 from layerfusion.errors import ConfigError
 from layerfusion.files import write_json
 from layerfusion.importance import (
@@ -301,7 +302,7 @@ class LayerImportance(Callback):
         texts, labels = dm.texts(split), dm.label_ids(split)
         if limit is None or limit >= len(texts):
             return texts, labels
-        rows = stratified_rows(torch.tensor(labels), limit, self.seed).tolist()
+        rows = stratified_subset(labels, limit, self.seed)
         return [texts[i] for i in rows], [labels[i] for i in rows]
 
     def _key(self, pl_module, samples: dict[str, tuple[list[str], list[int]]], device) -> dict:
@@ -438,21 +439,5 @@ def _rows(features) -> torch.Tensor:
 
 
 def stratified_rows(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """A seeded subset of `n` row indices (sorted) with each class's share of `labels`, every class kept
-    while `n` allows (largest remainders fill up to exactly `n`)."""
-    g = torch.Generator().manual_seed(seed)
-    classes, counts = labels.unique(return_counts=True)
-    exact = counts.double() * n / len(labels)
-    take = exact.floor().long().clamp_min(1 if n >= len(classes) else 0).minimum(counts)
-    order = (exact - exact.floor()).argsort(descending=True, stable=True).tolist()
-    while take.sum() < n:  # hand out the remaining rows by the largest remainders, then round-robin
-        for i in order:
-            if take.sum() < n and take[i] < counts[i]:
-                take[i] += 1
-    while take.sum() > n:  # the floor of one row per class overshot: trim the largest classes
-        take[take.argmax()] -= 1
-    picked = []
-    for c, k in zip(classes.tolist(), take.tolist()):
-        members = (labels == c).nonzero().flatten()
-        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
-    return torch.cat(picked).sort().values
+    """`layerfusion.data.sources.stratified_subset` for a tensor of class ids."""
+    return torch.tensor(stratified_subset(labels.tolist(), n, seed), dtype=torch.long)

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from layerfusion.checkpoint import SECTION, encoder_ids, section
+from layerfusion.data.sources import STAGE_SPLITS
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder, encoders_mismatch
 from layerfusion.errors import ConfigError
 from layerfusion.features.cache import (
@@ -26,12 +27,6 @@ from layerfusion.features.cache import (
 from layerfusion.fusion.heads import HeadKind, _safe, build_head
 
 log = logging.getLogger(__name__)
-STAGE_SPLITS = {
-    "fit": ["train", "val"],
-    "validate": ["val"],
-    "test": ["test"],
-    "predict": ["predict"],
-}
 
 
 class LayerFusionModule(L.LightningModule):

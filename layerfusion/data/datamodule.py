@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from layerfusion.data.readers import DataError, Examples
 from layerfusion.data.sources import (
+    STAGE_SPLITS,
     SplitSource,
     path_source,
     resolve_splits,
@@ -20,6 +21,7 @@ from layerfusion.data.sources import (
     stratified_subset,
 )
 from layerfusion.data.stream import ShardedStream, StreamLoader, read_rows, scan_labels
+from layerfusion.encoders.forward import tokenize
 from layerfusion.encoders.frozen import EncoderSpec
 from layerfusion.errors import ConfigError
 
@@ -145,13 +147,7 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits a stage needs: fit -> train, val; validate -> val; test -> test; predict."""
-        want = {
-            "fit": ["train", "val"],
-            "validate": ["val"],
-            "test": ["test"],
-            "predict": ["predict"],
-        }
-        for split in want.get(stage or "fit", ["train", "val", "test"]):
+        for split in STAGE_SPLITS.get(stage or "fit", ["train", "val", "test"]):
             if split not in self.splits and not (split == "train" and self.streaming):
                 self.splits[split] = self._split(split)
 
@@ -378,7 +374,8 @@ class RowDataset(Dataset):
 
 
 class Collator:
-    """Batch rows; with tokenizers, add `inputs[encoder] = {input_ids, attention_mask}` padded per batch."""
+    """Batch rows; with tokenizers, add `inputs[encoder] = {input_ids, attention_mask}` padded per batch
+    (`encoders.forward.tokenize`, the tokenisation of the feature cache and the `Classifier`)."""
 
     def __init__(self, tokenizers: dict | None) -> None:
         self.tokenizers = tokenizers
@@ -392,12 +389,5 @@ class Collator:
             texts = [r["text"] for r in rows]
             batch["inputs"] = {}
             for key, (tok, max_len) in self.tokenizers.items():
-                enc = tok(
-                    texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt"
-                )
-                # single texts: no token_type_ids (GPT-2 would embed them with its token table)
-                batch["inputs"][key] = {
-                    "input_ids": enc["input_ids"],
-                    "attention_mask": enc["attention_mask"],
-                }
+                batch["inputs"][key] = tokenize(tok, texts, max_len)
         return batch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +26,13 @@ from layerfusion.errors import ConfigError
 DATA_ENV = "LAYERFUSION_DATA"
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 SPLITS = ("train", "val", "test")
+# the splits each Lightning stage reads (the DataModule builds them, the module extracts their features)
+STAGE_SPLITS = {
+    "fit": ["train", "val"],
+    "validate": ["val"],
+    "test": ["test"],
+    "predict": ["predict"],
+}
 
 # name -> file stem of each split; val None = held out from train (seeded, stratified).
 NAMED_DATASETS: dict[str, dict[str, str | None]] = {
@@ -231,29 +238,32 @@ def stratified_holdout(
     return [i for i in range(len(labels)) if i not in held_set], sorted(held)
 
 
-def stratified_subset(labels: list[str | None], n: int | None, seed: int) -> list[int]:
-    """A seeded subset of `n` row indices (sorted) keeping each class's share (every class at least once
-    while `n` allows), or all rows when `n` is None or not smaller."""
+def stratified_subset(labels: Sequence[Hashable], n: int | None, seed: int) -> list[int]:
+    """A seeded subset of `n` row indices (sorted) with each class's share of `labels`, every class kept
+    while `n` allows (largest remainders fill up to exactly `n`), or all rows when `n` is None or not
+    smaller. The one sampler of the data limits and of the importance samples."""
     if n is None or n >= len(labels):
         return list(range(len(labels)))
-    groups = _by_label(labels)
-    rng = random.Random(seed)
-    for rows in groups:
-        rng.shuffle(rows)
-    # shares by largest remainder, then every class at least once (taken from the largest quotas)
-    exact = [n * len(rows) / len(labels) for rows in groups]
-    quota = [int(x) for x in exact]
-    by_remainder = sorted(range(len(groups)), key=lambda g: (quota[g] - exact[g], g))
-    for g in by_remainder[: n - sum(quota)]:
-        quota[g] += 1
-    for g in sorted(range(len(groups)), key=lambda g: (-len(groups[g]), g)):
-        if quota[g] == 0:
-            donor = max(range(len(groups)), key=lambda d: (quota[d], -d))
-            if quota[donor] <= 1:
-                break
-            quota[donor] -= 1
-            quota[g] = 1
-    return sorted(i for g, rows in enumerate(groups) for i in rows[: quota[g]])
+    import torch
+
+    index = {c: i for i, c in enumerate(sorted(set(labels), key=lambda c: (c is None, c)))}
+    ids = torch.tensor([index[c] for c in labels])
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = ids.unique(return_counts=True)
+    exact = counts.double() * n / len(ids)
+    take = exact.floor().long().clamp_min(1 if n >= len(classes) else 0).minimum(counts)
+    order = (exact - exact.floor()).argsort(descending=True, stable=True).tolist()
+    while take.sum() < n:  # hand out the remaining rows by the largest remainders, then round-robin
+        for i in order:
+            if take.sum() < n and take[i] < counts[i]:
+                take[i] += 1
+    while take.sum() > n:  # the floor of one row per class overshot: trim the largest classes
+        take[take.argmax()] -= 1
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = (ids == c).nonzero().flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picked).sort().values.tolist()
 
 
 def sorted_labels(labels) -> list[str]:

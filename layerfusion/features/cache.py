@@ -47,6 +47,7 @@ from layerfusion.features.extraction import (
 )
 from layerfusion.features.locks import EntryLock
 from layerfusion.files import remove_dead_leftovers
+from layerfusion.fusion.heads import layer_set
 
 log = logging.getLogger(__name__)
 
@@ -459,18 +460,6 @@ class SingleProcess:
 
     def broadcast(self, obj, src: int = 0):
         return obj
-
-
-def layer_set(layers: Sequence[int] | None, num_layers: int, encoder: str = "encoder") -> list[int]:
-    """`layers` as a sorted list of distinct absolute indices (negative counts from the end; None = all)."""
-    if layers is None:
-        return list(range(num_layers))
-    if not layers or any(not -num_layers <= int(i) < num_layers for i in layers):
-        raise ConfigError(
-            f"layers {list(layers)} of {encoder}: need at least one, each in 0..{num_layers - 1} "
-            "(or negative from the end)"
-        )
-    return sorted({int(i) % num_layers for i in layers})
 
 
 def texts_fingerprint(texts: Sequence[str], split: str = "texts") -> str:

@@ -7,6 +7,7 @@ layer (the fused representation `Classifier.encode` returns).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -284,14 +285,21 @@ def resolve_layers(
         raise ConfigError(
             f"layers given for unknown encoders {sorted(unknown)}; encoders are {sorted(num_layers)}"
         )
-    out = {}
-    for e, n in num_layers.items():
-        chosen = sorted({i if i >= 0 else n + i for i in layers.get(e, range(n))})
-        bad = [i for i in chosen if not 0 <= i < n]
-        if bad:
-            raise ConfigError(f"encoder {e!r} has layers 0..{n - 1} (0 = embeddings); got {bad}")
-        out[e] = chosen
-    return out
+    return {e: layer_set(layers.get(e), n, e) for e, n in num_layers.items()}
+
+
+def layer_set(layers: Sequence[int] | None, num_layers: int, encoder: str = "encoder") -> list[int]:
+    """`layers` as a sorted list of distinct absolute indices (negative counts from the end; None = all):
+    the one reading of a layer selection, for the feature cache and the heads."""
+    if layers is None:
+        return list(range(num_layers))
+    bad = [i for i in layers if not -num_layers <= int(i) < num_layers]
+    if not layers or bad:
+        raise ConfigError(
+            f"encoder {encoder!r} has layers 0..{num_layers - 1} (0 = embeddings, negative counts "
+            f"from the end); got {list(layers) if not bad else bad}"
+        )
+    return sorted({int(i) % num_layers for i in layers})
 
 
 def _mlp(width: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
