@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
+
+from conftest import gloo_ranks
 
 RANK = """
 import json, sys
@@ -44,31 +42,12 @@ def test_gather_rows_with_uneven_ranks(tmp_path):
     cases = [[3, 1], [0, 2], [2, 0], [2, 2]]
     script = tmp_path / "rank.py"
     script.write_text(RANK)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), json.dumps(cases)],
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    outs = gloo_ranks(script, json.dumps(cases), timeout=240)
     for counts in cases:  # every rank's rows, in rank order, without the padding, on both ranks
         expected = [
             [100.0 * (r + 1) + 3 * i + j for j in range(3)]
             for r in range(2)
             for i in range(counts[r])
         ]
-        for out, _ in outs:
+        for out in outs:
             assert json.loads(out)[str(counts)] == expected, counts
