@@ -24,11 +24,25 @@ def resolve_run_paths(config: Any) -> None:
     _replace(config, str(root))
 
 
-def best_checkpoint(config_file: str | Path) -> str:
-    """The checkpoint file of the config's monitored `ModelCheckpoint` (the one `make fit` tests)."""
+def read_config(config_file: str | Path) -> dict:
+    """A run config as a dict, with a file-valued `trainer.callbacks`, `trainer.logger` or
+    `trainer.plugins` (a path relative to the config, as the parser reads it) replaced by that file's
+    content: what scripts that edit a config read."""
     import yaml
 
-    trainer = yaml.safe_load(Path(config_file).read_text()).get("trainer") or {}
+    path = Path(config_file)
+    config = yaml.safe_load(path.read_text()) or {}
+    trainer = config.get("trainer") or {}
+    for key in ("callbacks", "logger", "plugins"):
+        value = trainer.get(key)
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            trainer[key] = yaml.safe_load((path.parent / value).read_text())
+    return config
+
+
+def best_checkpoint(config_file: str | Path) -> str:
+    """The checkpoint file of the config's monitored `ModelCheckpoint` (the one `make fit` tests)."""
+    trainer = read_config(config_file).get("trainer") or {}
     root = str(trainer.get("default_root_dir") or ".")
     for cb in trainer.get("callbacks") or []:
         args = cb.get("init_args") or {} if isinstance(cb, dict) else {}

@@ -9,6 +9,7 @@ are classified together.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -27,7 +28,7 @@ import litserve as ls
 import numpy as np
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
-from litserve.utils import LitAPIStatus, LoopResponseType
+from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from layerfusion.errors import ConfigError
 
@@ -42,7 +43,8 @@ class ClassifierAPI(ls.LitAPI):
         compute_dtype: precision of the encoders (default: as trained; see `EncoderSpec.compute_dtype`).
         threads: intra-op threads of each CPU worker (default: the CPU's cores shared among the workers).
         max_batch_size: requests gathered into one batch, and texts per forward pass.
-        batch_timeout: seconds a batch waits for more requests before it runs.
+        batch_timeout: seconds a batch waits for more requests after its first one; 0 (default): a batch
+            is what has queued while the previous one ran, so a lone request never waits.
         trust_remote_code: let the encoders' model directories run their own Python code.
     """
 
@@ -52,7 +54,7 @@ class ClassifierAPI(ls.LitAPI):
         compute_dtype: str | None = None,
         threads: int | None = None,
         max_batch_size: int = 16,
-        batch_timeout: float = 0.01,
+        batch_timeout: float = 0.0,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__(
@@ -216,11 +218,12 @@ def serve(
     device: str = "auto",
     compute_dtype: str | None = None,
     max_batch_size: int = 16,
-    batch_timeout: float = 0.01,
+    batch_timeout: float = 0.0,
     max_texts: int = MAX_TEXTS,
     max_body_bytes: int = MAX_BODY_BYTES,
     timeout: float = 30.0,
     trust_remote_code: bool = False,
+    threads: int | None = None,
 ) -> None:
     """Serve the classifier in `model` until Ctrl+C or SIGTERM (see the module docstring for the endpoints)."""
     accelerator, devices = _parse_device(device)
@@ -230,17 +233,19 @@ def serve(
         )
     if batch_timeout < 0 or timeout <= batch_timeout:
         raise ConfigError("--batch-timeout must be >= 0 and below --timeout")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     _check_port(host, port)
     info = describe(model, compute_dtype, accelerator, trust_remote_code)
-    threads = None
-    if accelerator == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // workers)
+    if accelerator == "cpu" and threads is None:
+        threads = default_threads(workers)
     api = ClassifierAPI(
         model, compute_dtype, threads, max_batch_size, batch_timeout, trust_remote_code
     )
     info["serving"] = {
         "max_batch_size": max_batch_size,
         "batch_timeout": batch_timeout,
+        "threads_per_worker": threads,
         "max_texts": max_texts,
         "max_body_bytes": max_body_bytes,
         "workers": "processes, each with the classifier loaded once and one predict thread",
@@ -266,6 +271,11 @@ def serve(
         api_server_worker_type="process",
     )
     print("layerfusion serve: stopped", file=sys.stderr, flush=True)
+
+
+def default_threads(workers: int) -> int:
+    """Torch threads of each CPU worker: the cores less one (the HTTP server's), shared among the workers."""
+    return max(1, ((os.cpu_count() or 1) - 1) // workers)
 
 
 def describe(
@@ -304,6 +314,7 @@ def describe(
     }
     del clf
     gc.collect()
+    _release_freed_memory()  # the processes forked from this one (HTTP server, manager) start smaller
     return info
 
 
@@ -353,8 +364,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batch-timeout",
         type=float,
-        default=0.01,
-        help="seconds a batch waits for more requests (default: 0.01)",
+        default=0.0,
+        help="seconds a batch waits for more requests after its first (default: 0, a batch is what "
+        "queued while the previous one ran)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of each CPU worker (default: the cores less one, shared among the workers)",
     )
     parser.add_argument(
         "--max-texts", type=int, default=MAX_TEXTS, help=f"texts per request (default: {MAX_TEXTS})"
@@ -369,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--timeout",
         type=float,
         default=30.0,
-        help="seconds a request may wait for a worker (default: 30; 504 after)",
+        help="seconds a request may wait in the queue for a worker (default: 30; a 504 JSON error after)",
     )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "0.0.0.0", "::"):
@@ -391,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         timeout=args.timeout,
         trust_remote_code=args.trust_remote_code,
+        threads=args.threads,
     )
     return 0
 
@@ -453,33 +472,31 @@ class _Server(ls.LitServer):
 
 class _BatchedLoop(BatchedLoop):
     """LitServe's batched loop, waiting for a batch's first request in one blocking call, then for the
-    rest until `batch_timeout` after it. LitServe 0.2.19's own loop polls the request queue every
-    millisecond while idle: ~13 % of a core per worker, with nothing to do."""
+    rest until `batch_timeout` after it (with 0, only those already queued). LitServe 0.2.19's own loop
+    polls the request queue every millisecond while idle: ~13 % of a core per worker, with nothing to do.
+    A request that waited past `--timeout` is answered 504 here, with a message naming the option."""
 
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
         try:
             item = request_queue.get(timeout=1.0)
         except Empty:
             return [], []
-        payloads, timed_out = [], []
+        payloads = []
         deadline = time.monotonic() + lit_api.batch_timeout
         while True:
             if item == _SENTINEL_VALUE:
                 raise _StopLoopError()
             response_queue_id, uid, timestamp, x_enc = item
-            self.put_response(
+            self.put_response(  # LitServe drops it unless it restarts workers (off here)
                 transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
             )
-            waited = time.monotonic() - timestamp
-            if (
-                lit_api.request_timeout not in (-1, False, None)
-                and waited > lit_api.request_timeout
-            ):
-                timed_out.append((response_queue_id, uid))
+            waited, timeout = time.monotonic() - timestamp, lit_api.request_timeout
+            if timeout not in (-1, False, None) and waited > timeout:
+                self._time_out(transport, response_queue_id, uid, waited, timeout)
             else:
                 payloads.append((response_queue_id, uid, x_enc))
             if len(payloads) >= lit_api.max_batch_size:
-                return payloads, timed_out
+                return payloads, []
             remaining = deadline - time.monotonic()
             try:
                 item = (
@@ -488,7 +505,29 @@ class _BatchedLoop(BatchedLoop):
                     else request_queue.get_nowait()
                 )
             except Empty:
-                return payloads, timed_out
+                return payloads, []
+
+    def _time_out(self, transport, response_queue_id, uid, waited: float, timeout: float) -> None:
+        """Answer 504 to a request that waited in the queue past `--timeout`, and say so once per request
+        (LitServe's own message names its Python API, not the option)."""
+        detail = f"request timed out: it waited {waited:.1f} s for a worker, over --timeout {timeout:g} s"
+        print(
+            f"layerfusion serve: {detail}; answered 504 (raise --timeout or --workers, or send less)",
+            file=sys.stderr,
+            flush=True,
+        )
+        error = PickleableHTTPException(504, detail)
+        self.put_response(
+            transport, response_queue_id, uid, error, LitAPIStatus.ERROR, LoopResponseType.REGULAR
+        )
+
+
+def _release_freed_memory() -> None:
+    """Give the heap memory freed by Python back to the system (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _check_port(host: str, port: int) -> None:

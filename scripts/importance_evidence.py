@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from layerfusion.run_paths import read_config
+
 REPO = Path(__file__).resolve().parents[1]
 SCORING = ("layerfusion.callbacks.LayerImportance", "layerfusion.callbacks.LayerSelection")
 
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--all-layers", action="store_true", help="also fit over every layer")
     args = parser.parse_args()
     name = args.name or Path(args.config).stem
-    base = yaml.safe_load(Path(args.config).read_text())
+    base = read_config(args.config)
     root = REPO / "runs" / f"{name}-evidence"
 
     runs = {"selected": run(variant(base, root, "selected", args.seed), "selected")}

@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
+from layerfusion.run_paths import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 IMPORTANCE = "layerfusion.callbacks.LayerImportance"
@@ -65,7 +65,7 @@ def main() -> None:
 
     log_to_stderr()
     name = args.name or Path(args.config).stem
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = read_config(args.config)
     specs = cfg["model"]["encoders"]
     if args.encoders:
         specs = [s for s in specs if _key(s) in args.encoders]

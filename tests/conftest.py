@@ -180,6 +180,23 @@ def tiny_models(tmp_path_factory, minilm_dir) -> dict[str, str]:
     return out
 
 
+def tiny_pair_specs(tiny_models: dict[str, str]) -> list:
+    """A tiny BERT and a tiny GPT-2 (last-token pooling), 32 tokens, fp32: batch composition does not
+    change the probabilities (bf16 results depend on a batch's padding)."""
+    from layerfusion.encoders.frozen import EncoderSpec
+
+    return [
+        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert", compute_dtype="float32"),
+        EncoderSpec(
+            tiny_models["gpt2"],
+            pooling="last",
+            max_length=32,
+            alias="gpt2",
+            compute_dtype="float32",
+        ),
+    ]
+
+
 @pytest.fixture
 def sst2_slice(tmp_path, shared_data) -> Path:
     """A small local dataset directory cut from the real SST-2 (train 200, dev 80, test 80)."""
@@ -191,6 +208,34 @@ def sst2_slice(tmp_path, shared_data) -> Path:
         )
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def gloo_ranks(script: Path, *args: str, world: int = 2, timeout: float = 300) -> list[str]:
+    """Run `script` (which joins a Gloo group from the environment) as `world` real processes; each
+    rank's stdout, after every rank exited 0 (else their stderr tails)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env={**env, "RANK": str(r), "WORLD_SIZE": str(world)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    return [out for out, _ in outs]
 
 
 def run_cli(

@@ -134,6 +134,13 @@ def test_key_covers_config_buffers_tokenizer_sides_and_text_boundaries(tmp_path,
     left.tokenizer.truncation_side = "left"
     assert left.tokenizer_fingerprint() != base.tokenizer_fingerprint()
     assert cache.key(left, TEXTS, "train") != key
+    # the fingerprint is reused per tokenizer state, never across a change: an added token counts,
+    # each call's truncation/padding settings do not
+    before = left.tokenizer_fingerprint()
+    left.tokenizer(TEXTS, truncation=True, max_length=5, padding=True)
+    assert left.tokenizer_fingerprint() == before
+    left.tokenizer.add_tokens(["zzqx"])
+    assert left.tokenizer_fingerprint() != before
 
     a = cache.key(base, ["a\0", "b"], "train")["data_sha256"]
     assert a != cache.key(base, ["a", "\0b"], "train")["data_sha256"]
@@ -577,3 +584,59 @@ def test_leftovers_of_a_host_whose_name_extends_ours_are_not_ours(tmp_path):
     assert remove_dead_leftovers(tmp_path, ".tmp-node-") == [mine_dead]
     assert not mine_dead.exists() and mine_live.exists() and other_host.exists()
     assert "@ns" in owner_tag()  # the PID namespace is part of the owner (Linux)
+
+
+class _PlanSpy:
+    """Records the rank (a thread-local set by each rank's thread) of every `_plan` and `_finish` call."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.local, self.calls = threading.local(), []
+        for name in ("_plan", "_finish"):
+            real = getattr(FeatureCache, name)
+
+            def spy(cache, *args, _real=real, _name=name, **kwargs):
+                self.calls.append((_name, self.local.rank))
+                return _real(cache, *args, **kwargs)
+
+            monkeypatch.setattr(FeatureCache, name, spy)
+
+    def run(self, encoders, root: Path, texts=TEXTS) -> dict:
+        def one(r, dist):
+            self.local.rank = r
+            return FeatureCache(root, "float32", chunk_rows=5).load_or_build(
+                encoders[r], texts, "train", dist=dist
+            )
+
+        return _ranks(2, one)
+
+
+def test_rank_0_alone_plans_and_finishes_a_build_a_hit_a_repair_and_a_full_disk(
+    tmp_path, encoder, tiny_models, monkeypatch
+):
+    """DDP: only rank 0 decides (hit or build, chunk layout, disk space, repairing a damaged entry) and
+    finishes; the other ranks follow its broadcast. Each case on 2 ranks, with a spy on who planned."""
+    encoders = [encoder, FrozenEncoder(EncoderSpec(tiny_models["bert"], max_length=16))]
+    single = FeatureCache(tmp_path / "one", "float32", chunk_rows=5).load_or_build(
+        encoder, TEXTS, "train"
+    )
+    spy = _PlanSpy(monkeypatch)
+    built = spy.run(encoders, tmp_path / "two")  # a build
+    assert not built["errors"] and torch.equal(built["results"][1][:], single[:])
+    assert spy.calls == [("_plan", 0), ("_finish", 0)]
+
+    spy.calls.clear()  # a hit
+    assert not spy.run(encoders, tmp_path / "two")["errors"]
+    assert spy.calls == [("_plan", 0)]
+
+    spy.calls.clear()  # a damaged entry (a chunk file lost): rank 0 repairs it, the ranks rebuild
+    sorted((tmp_path / "two").rglob("*.npy"))[0].unlink()
+    repaired = spy.run(encoders, tmp_path / "two")
+    assert not repaired["errors"] and torch.equal(repaired["results"][1][:], single[:])
+    assert spy.calls == [("_plan", 0), ("_finish", 0)]
+
+    spy.calls.clear()  # a full disk: rank 0's check fails, and both ranks raise its message
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))
+    full = spy.run(encoders, tmp_path / "three")
+    assert spy.calls == [("_plan", 0)]
+    assert len(full["errors"]) == 2
+    assert all("not enough disk space" in str(e) for e in full["errors"].values())

@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_pair_specs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
@@ -42,17 +42,7 @@ def trained(tmp_path_factory, tiny_models, shared_data):
     for split, n in (("train", 120), ("dev", 40), ("test", 40)):
         lines = (shared_data / "sst2" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
         (data / f"{split}.jsonl").write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
-    specs = [
-        # fp32: predictions are compared across batch sizes (bf16 results depend on the padding)
-        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert", compute_dtype="float32"),
-        EncoderSpec(
-            tiny_models["gpt2"],
-            pooling="last",
-            max_length=32,
-            alias="gpt2",
-            compute_dtype="float32",
-        ),
-    ]
+    specs = tiny_pair_specs(tiny_models)  # fp32: predictions are compared across batch sizes
     L.seed_everything(0)
     dm = TextClassificationDataModule(dataset=str(data), encoders=specs, batch_size=16)
     model = LayerFusionModule(

@@ -69,6 +69,23 @@ def test_run_configs(path: Path):
     assert "${" not in str(moved)
 
 
+@pytest.mark.parametrize("dataset", ["sst2", "mr", "r8", "r52"])
+def test_paper_configs_share_one_callback_list(dataset, tmp_path, monkeypatch):
+    """The paper configs name `configs/callbacks/paper.yaml` as their callbacks, read relative to the
+    config from any working directory; `read_config` (what scripts edit) inlines the same list."""
+    import yaml
+
+    from layerfusion.run_paths import read_config
+
+    path = CONFIGS / f"{dataset}.yaml"
+    assert yaml.safe_load(path.read_text())["trainer"]["callbacks"] == "callbacks/paper.yaml"
+    shared = yaml.safe_load((CONFIGS / "callbacks" / "paper.yaml").read_text())
+    assert read_config(path)["trainer"]["callbacks"] == shared
+    monkeypatch.chdir(tmp_path)
+    parsed = [c.class_path for c in parse("--config", str(path)).trainer.callbacks]
+    assert parsed == [c["class_path"] for c in shared]
+
+
 @pytest.mark.parametrize("path", sorted((CONFIGS / "trainer").glob("*.yaml")), ids=lambda p: p.stem)
 def test_trainer_presets(path: Path):
     import yaml

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import re
 from collections import Counter
@@ -164,11 +165,27 @@ def test_single_label_train_is_rejected(tmp_path):
         _ = TextClassificationDataModule(dataset=str(d)).label_names
 
 
+class _Hashed(str):
+    """A string with a chosen hash: sets of these iterate in the order the hashes give."""
+
+    def __new__(cls, text: str, h: int):
+        obj = super().__new__(cls, text)
+        obj.h = h
+        return obj
+
+    def __hash__(self) -> int:
+        return self.h
+
+
 def test_label_map_is_sorted_deterministically():
     assert sorted_labels(["10", "9", "1", None]) == ["1", "9", "10"]
     assert sorted_labels(["earn", "acq", "trade"]) == ["acq", "earn", "trade"]
     # equal as integers: ordered by their text, whatever the set iteration order (PYTHONHASHSEED)
     assert sorted_labels(["01", "1", "-1"]) == sorted_labels(["1", "-1", "01"]) == ["-1", "01", "1"]
+    # every set iteration order a PYTHONHASHSEED can give, in this process: labels whose hash is chosen
+    for hashes in itertools.permutations(range(3)):
+        labels = [_Hashed(text, h) for text, h in zip(["01", "1", "-1"], hashes)]
+        assert [str(v) for v in sorted_labels(labels)] == ["-1", "01", "1"], hashes
     with pytest.raises(
         DataError, match=r"labels 'pos' and 'pos ' differ only in surrounding whitespace"
     ):

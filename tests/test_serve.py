@@ -18,56 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import tiny_pair_specs
+from test_threads import build_classifier
 
-from layerfusion.classifier import FORMAT, VERSION, Classifier
-from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
-from layerfusion.fusion.heads import build_head
+from layerfusion.classifier import Classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LABELS = ["negative", "neutral", "positive"]
+LABELS = ["a", "b", "c"]  # build_classifier's
 TEXTS = ["a gripping, beautifully acted film", "dull", "it is what it is . " * 20, "ok", "wow"]
-MAX_TEXTS, MAX_BODY = 4, 4096
+MAX_TEXTS, MAX_BODY, TIMEOUT = 4, 4096, 4.0
 
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory, tiny_models) -> Path:
     """A saved classifier: a gated head (random, seeded) over a tiny BERT (layers 0, 2) and a tiny GPT-2
     (layer 1 of 0..2: an early exit), fp32 so that batch composition does not change the probabilities."""
-    specs = [
-        EncoderSpec(tiny_models["bert"], max_length=32, alias="bert", compute_dtype="float32"),
-        EncoderSpec(
-            tiny_models["gpt2"],
-            pooling="last",
-            max_length=32,
-            alias="gpt2",
-            compute_dtype="float32",
-        ),
-    ]
-    layers = {"bert": [0, 2], "gpt2": [1]}
-    encoders = {s.key: FrozenEncoder(s) for s in specs}
-    torch.manual_seed(0)
-    head = build_head(
-        "gated",
-        dims={k: e.hidden_size for k, e in encoders.items()},
-        num_layers={k: e.num_layers for k, e in encoders.items()},
-        layers=layers,
-        num_classes=len(LABELS),
-        hidden=16,
-    )
-    config = {
-        "format": FORMAT,
-        "version": VERSION,
-        "label_names": LABELS,
-        "head": "gated",
-        "head_args": {"hidden": 16},
-        "layers": layers,
-        "encoders": [dataclasses.asdict(s) for s in specs],
-        "encoder_ids": {k: e.identity() for k, e in encoders.items()},
-    }
-    out = tmp_path_factory.mktemp("serve") / "clf"
-    return Classifier(config, head.state_dict(), device="cpu").save(out)
+    specs = [dataclasses.asdict(s) for s in tiny_pair_specs(tiny_models)]
+    clf = build_classifier(specs, {"bert": [0, 2], "gpt2": [1]})
+    return clf.save(tmp_path_factory.mktemp("serve") / "clf")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +57,8 @@ def server(classifier_dir, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "layerfusion", "serve", str(classifier_dir), "--port", str(port)]
         + ["--device", "cpu", "--max-batch-size", "8", "--batch-timeout", "0.05"]
-        + ["--max-texts", str(MAX_TEXTS), "--max-body-bytes", str(MAX_BODY)],
+        + ["--max-texts", str(MAX_TEXTS), "--max-body-bytes", str(MAX_BODY)]
+        + ["--timeout", str(TIMEOUT)],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=stderr,
@@ -215,6 +185,30 @@ def test_clients_that_leave_do_not_block_the_others(server, expected):
     _assert_row(row, expected)
 
 
+def test_a_request_queued_past_the_timeout_gets_a_504_and_the_server_goes_on(server, expected):
+    """The inference worker is paused (SIGSTOP) while a request waits in the queue for longer than
+    `--timeout`: once it runs again, that request is answered 504 with a JSON error, not predicted, and
+    the next request is served."""
+    proc, port, _, _ = server
+    (worker,) = [p for p in _descendants(proc.pid) if b"spawn_main" in _cmdline(p)]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            late = pool.submit(_request, port, "POST", "/predict", b'{"text": "late"}')
+            time.sleep(TIMEOUT + 1)
+            os.kill(worker, signal.SIGCONT)
+            status, text = late.result(timeout=60)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert status == 504, text
+    detail = json.loads(text)["detail"]
+    assert detail.startswith("request timed out: it waited "), detail
+    assert detail.endswith(f"s for a worker, over --timeout {TIMEOUT:g} s"), detail
+    status, row = _post(port, {"text": TEXTS[1]})
+    assert status == 200
+    _assert_row(row, expected)
+
+
 def test_an_idle_server_uses_no_cpu(server):
     """No busy polling while no request comes (LitServe 0.2.19's batched loop polls every millisecond)."""
     proc, _, _, _ = server
@@ -239,8 +233,11 @@ def test_sigterm_stops_the_server_and_its_workers(server):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     stderr.seek(0)
     lines = stderr.read().splitlines()
-    # the console: one line when ready, one when stopped; no 4xx above was logged, no traceback
-    assert len(lines) == 2 and lines[1] == "layerfusion serve: stopped", lines
+    # the console: one line when ready, one for the timed-out request, one when stopped; no 4xx above
+    # was logged, no traceback
+    assert len(lines) == 3 and lines[2] == "layerfusion serve: stopped", lines
+    assert lines[1].startswith("layerfusion serve: request timed out: it waited "), lines
+    assert lines[1].endswith("answered 504 (raise --timeout or --workers, or send less)"), lines
     assert lines[0].startswith("layerfusion serve: ") and f"http://127.0.0.1:{port}" in lines[0]
     assert proc.stdout.read() == "" and sorted(os.listdir(cwd)) == ["stderr.txt"]
 
@@ -306,6 +303,13 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         frontier = kids
     return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _cpu_ticks(pid: int) -> int:

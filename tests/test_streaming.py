@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import gloo_ranks
 
 from layerfusion.data.datamodule import TextClassificationDataModule
 from layerfusion.data.readers import DataError, read_jsonl
@@ -210,31 +211,10 @@ dist.destroy_process_group()
 def test_two_processes_with_two_workers_each_share_the_stream(tmp_path):
     """A real 2-process Gloo group, 2 DataLoader workers per rank: 4 slots, equal counts, no repeats, no
     validation row, every train row but the `rows % 4` dropped at the end of each epoch's order."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     _write(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": str(i % 3)} for i in range(223)])
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path)],
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    ranks = json.loads(outs[0][0])
+    ranks = json.loads(gloo_ranks(script, str(tmp_path))[0])
     val = ranks[0]["val"]
     # 10 % of each class (75, 74, 74 rows) held out, the same rows on both ranks: 8 + 7 + 7
     assert ranks[1]["val"] == val and len(val) == 22

@@ -113,6 +113,7 @@ class FrozenEncoder(nn.Module):
         self.taps = LayerTaps(tap_modules(self.model), spec.pooling)
         self.taps.stop_before(blocks_of(self.model))
         self._fingerprint: str | None = None
+        self._tokenizer_texts: dict[str, str] = {}  # serialised tokenizer -> canonical definition
         self._precision: dict[str, tuple[str, str]] = {}
 
     @property
@@ -222,13 +223,18 @@ class FrozenEncoder(nn.Module):
         and truncates on; not its per-call state."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
-            definition = json.loads(backend.to_str())
-            for transient in (
-                "truncation",
-                "padding",
-            ):  # set by each call, not part of the tokenizer
-                definition.pop(transient, None)
-            text = json.dumps(definition, sort_keys=True)
+            # to_str takes ~10 ms; parsing it to drop the per-call settings ~70 ms more: done once per
+            # state (each call's truncation and padding settings are in the serialised form)
+            serialised = backend.to_str()
+            text = self._tokenizer_texts.get(serialised)
+            if text is None:
+                definition = json.loads(serialised)
+                for transient in ("truncation", "padding"):  # set by each call, not the tokenizer's
+                    definition.pop(transient, None)
+                text = json.dumps(definition, sort_keys=True)
+                if len(self._tokenizer_texts) >= 4:
+                    self._tokenizer_texts.clear()
+                self._tokenizer_texts[serialised] = text
         else:
             text = repr(sorted(self.tokenizer.get_vocab().items()))
         text += (

@@ -42,8 +42,8 @@ def extract_chunk(
     NaN or inf from the encoder raises a `FeatureCacheError` naming `where(row)`."""
     out = np.empty((len(texts), len(layers), encoder.hidden_size), np.float32)
     for rows, feats in forward_batches(encoder, texts, layers, device, token_budget, max_rows):
-        bad = ~torch.isfinite(feats)
-        if bad.any():
+        if not torch.isfinite(feats).all():
+            bad = ~torch.isfinite(feats)
             r, j = (int(v) for v in bad.nonzero()[0][:2])
             kind = "NaN" if feats[r, j].isnan().any() else "inf"
             raise FeatureCacheError(

@@ -1,0 +1,96 @@
+"""Where `layerfusion serve`'s memory growth comes from: the encoder's per-shape caches, in-process.
+
+    python benchmarks/serve_memory.py [--batches 200] [--out benchmarks/serve_memory.json]
+
+One process per variant, on the CPU with one torch thread: all-MiniLM-L6-v2 (the classifier of
+`benchmarks/serve.py`) runs `--batches` forward passes of random shapes (1..16 texts of 5..60 tokens,
+seeded), then the same shapes again; RSS after every 50 passes. Variants: `FrozenEncoder.forward` in
+bf16 autocast (what `compute_dtype: auto` picks on an AVX512-BF16 CPU), the same with oneDNN's primitive
+cache off (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`), and in fp32. Growth that stops on the second pass is a
+cache keyed by shape (bounded by the shapes a server sees), not a leak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchutil import MINILM, REPO, log, machine_info
+
+VARIANTS = {
+    "bfloat16": ("bfloat16", {}),
+    "bfloat16_onednn_cache_0": ("bfloat16", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}),
+    "float32": ("float32", {}),
+}
+
+
+def main() -> None:
+    """Run every variant in a fresh process and write the RSS series."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument(
+        "--variant", help=argparse.SUPPRESS
+    )  # internal: one variant, in this process
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "serve_memory.json"))
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run(VARIANTS[args.variant][0], args.batches)))
+        return
+    results = {"machine": machine_info(), "batches": args.batches, "variants": {}}
+    results["machine"]["load_average_at_start"] = os.getloadavg()
+    for name, (_, env) in VARIANTS.items():
+        cmd = [sys.executable, __file__, "--variant", name, "--batches", str(args.batches)]
+        out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr[-2000:])
+        results["variants"][name] = json.loads(out.stdout.splitlines()[-1])
+        log(f"{name}: {results['variants'][name]}")
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run(compute_dtype: str, batches: int) -> dict:
+    """RSS (MiB) after loading, then every 50 passes over the shapes, twice."""
+    import torch
+
+    from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
+    from layerfusion.encoders.offline import no_loading_bars, resolve_model
+
+    torch.set_num_threads(1)
+    with no_loading_bars():
+        encoder = FrozenEncoder(EncoderSpec(resolve_model(MINILM), compute_dtype=compute_dtype))
+    rss = {"loaded": _rss_mib()}
+    start = time.perf_counter()
+    for rep in ("first", "second"):
+        rng, series = random.Random(0), []
+        for i in range(batches):
+            n, length = rng.randint(1, 16), rng.randint(5, 60)
+            ids = torch.randint(1000, 2000, (n, length))
+            encoder.forward(ids, torch.ones(n, length, dtype=torch.long), depth=6)
+            if i % 50 == 49:
+                series.append(_rss_mib())
+        rss[f"{rep}_pass"] = series
+    return {
+        "rss_mib": rss,
+        "growth_first_pass_mib": rss["first_pass"][-1] - rss["loaded"],
+        "growth_second_pass_mib": rss["second_pass"][-1] - rss["first_pass"][-1],
+        "seconds": round(time.perf_counter() - start, 1),
+        "precision": encoder.compute_precision("cpu"),
+    }
+
+
+def _rss_mib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+if __name__ == "__main__":
+    main()
