@@ -28,11 +28,20 @@ import litserve as ls
 import numpy as np
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
-from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
+from litserve.utils import (
+    LitAPIStatus,
+    LoopResponseType,
+    PickleableHTTPException,
+    WorkerSetupStatus,
+)
 
-from layerfusion.errors import ConfigError
+from layerfusion.errors import ConfigError, LayerFusionError
 
 MAX_TEXTS, MAX_BODY_BYTES = 256, 1 << 20
+
+
+class ServeError(LayerFusionError):
+    """The server could not start serving: the message says what failed."""
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -428,7 +437,16 @@ class _Server(ls.LitServer):
         self._stop_lock, self._stopped = threading.Lock(), False
 
     def verify_worker_status(self) -> None:
-        super().verify_worker_status()
+        # LitServe 0.2.19 waits forever for a worker that died while loading (killed for memory, say)
+        while not any(v == WorkerSetupStatus.READY for v in self.workers_setup_status.values()):
+            failed = any(v == WorkerSetupStatus.ERROR for v in self.workers_setup_status.values())
+            dead = [w.exitcode for w in self.inference_workers if w.exitcode is not None]
+            if failed or dead:
+                self._perform_graceful_shutdown(self.transport_config.manager, {}, "failed start")
+                how = f"exited with code {dead[0]}" if dead else "failed"
+                hint = " (-9: killed, often for lack of memory)" if -9 in dead else ""
+                raise ServeError(f"an inference worker {how} while loading the model{hint}")
+            time.sleep(0.05)
         print(self.ready_line, file=sys.stderr, flush=True)
 
     def run(self, *args: Any, **kwargs: Any) -> None:

@@ -65,7 +65,7 @@ def server(classifier_dir, tmp_path_factory):
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
             stderr.seek(0)
@@ -76,17 +76,12 @@ def server(classifier_dir, tmp_path_factory):
         except OSError:
             pass
         if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the server was not ready within 180 s")
+            _kill_tree(proc)
+            pytest.fail("the server was not ready within 300 s")
         time.sleep(0.5)
     children = {pid: _started(pid) for pid in _descendants(proc.pid)}
     yield proc, port, stderr, cwd
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    for pid, started in children.items():  # what a failed test left running (same pid, same start)
-        if _alive(pid) and _started(pid) == started:
-            os.kill(pid, signal.SIGKILL)
+    _kill_tree(proc, children)  # what a failed test left running
     stderr.close()
 
 
@@ -242,6 +237,42 @@ def test_sigterm_stops_the_server_and_its_workers(server):
     assert proc.stdout.read() == "" and sorted(os.listdir(cwd)) == ["stderr.txt"]
 
 
+def test_a_worker_that_dies_while_loading_stops_the_server(classifier_dir, tmp_path):
+    """An inference worker killed while it loads the model (as the OOM killer would) ends the server
+    with one error line and exit status 2, instead of a server that waits for it forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layerfusion", "serve", str(classifier_dir), "--port", str(port)]
+        + ["--device", "cpu"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (workers := [p for p in _descendants(proc.pid) if b"spawn_main" in _cmdline(p)]):
+            assert proc.poll() is None and time.monotonic() < deadline, "no worker started"
+            time.sleep(0.02)
+        children = _descendants(proc.pid)  # the worker, LitServe's queue process, ...
+        os.kill(workers[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 2
+        err = proc.stderr.read()
+    finally:
+        _kill_tree(proc)
+    assert err.splitlines()[-1] == (
+        "layerfusion: error: an inference worker exited with code -9 while loading the model "
+        "(-9: killed, often for lack of memory)"
+    ), err
+    assert "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in children if _alive(p)] == []  # nothing left behind
+
+
 def test_startup_errors_are_one_line(classifier_dir, tmp_path, capsys):
     from layerfusion.__main__ import main
 
@@ -303,6 +334,19 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         frontier = kids
     return out
+
+
+def _kill_tree(proc: subprocess.Popen, children: dict[int, str | None] | None = None) -> None:
+    """Kill `proc` and the processes under it (`children`: pid -> start time, taken earlier; default:
+    those under it now), each only if it is still the same process (not a later reuse of its pid)."""
+    if children is None:
+        children = {pid: _started(pid) for pid in _descendants(proc.pid)}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid, started in children.items():
+        if _alive(pid) and _started(pid) == started:
+            os.kill(pid, signal.SIGKILL)
 
 
 def _cmdline(pid: int) -> bytes:
