@@ -12,6 +12,8 @@ Statistics over per-row predictions (`predictions_<split>.csv`: `index,pred,gold
 
 `layerfusion analyze` compares every pair of the given run directories and writes `agreement.csv`,
 `cka.csv` and `cka.png` under `--out`; `--logger wandb` also logs them as a W&B table and image.
+`layerfusion analyze --from-results results` recomputes the table's statistics (`layerfusion.reproduce`:
+two-level bootstrap, Holm, verdicts) from the committed per-row predictions and checks them.
 """
 
 from __future__ import annotations
@@ -262,9 +264,17 @@ def analyze(run_dirs: list[Path], out: Path, logger: str = "none") -> list[Path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: `layerfusion analyze RUN_DIR RUN_DIR [...] [--out DIR] [--logger wandb]`."""
+    """CLI entry: `layerfusion analyze RUN_DIR RUN_DIR [...] [--out DIR] [--logger wandb]`, or
+    `layerfusion analyze --from-results results`: recompute every accuracy, interval, p-value and verdict of
+    `results/paper_table.csv` from `results/predictions/*.npz` alone and report any difference (exit 1)."""
     parser = argparse.ArgumentParser(prog="layerfusion analyze", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories of `reproduce`")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories of `reproduce`")
+    parser.add_argument(
+        "--from-results",
+        type=Path,
+        metavar="DIR",
+        help="recompute DIR/paper_table.csv's statistics from DIR/predictions/*.npz and compare",
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("results/analysis"), help="output directory"
     )
@@ -275,6 +285,20 @@ def main(argv: list[str] | None = None) -> int:
         help="also log the tables to W&B (offline unless WANDB_MODE=online)",
     )
     args = parser.parse_args(argv)
+    if args.from_results is not None:
+        from layerfusion.files import write_csv
+        from layerfusion.reproduce import COLUMNS, csv_rows, from_results
+
+        rows, problems = from_results(args.from_results)
+        cols = [c for c in COLUMNS if c in rows[0]] if rows else []
+        print(write_csv(args.out / "paper_table_recomputed.csv", csv_rows(rows, cols)))
+        for line in problems:
+            print(line)
+        print(
+            f"{len(rows)} rows recomputed from {args.from_results / 'predictions'}: "
+            + (f"{len(problems)} differences from the committed table" if problems else "all equal")
+        )
+        return 1 if problems else 0
     for path in analyze(args.runs, args.out, args.logger):
         print(path)
     return 0

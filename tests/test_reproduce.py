@@ -19,12 +19,12 @@ from layerfusion import analysis
 from layerfusion.errors import ConfigError
 from layerfusion.reproduce import (
     COLUMNS,
+    FACTORIAL,
+    L2_GRID,
     ROWS,
-    best_single,
-    gains,
+    evidence,
+    from_results,
     main,
-    read_runs,
-    table_from_runs,
 )
 
 # the runs here are small ops (heads on 128 rows, full-batch L-BFGS probes): the two linear_probe rows
@@ -61,7 +61,7 @@ def _csv(path: Path) -> list[dict]:
 def reproduced(tmp_path_factory, shared_data, minilm_dir):
     tmp = tmp_path_factory.mktemp("reproduce")
     config = _config(tmp, shared_data)
-    args = [str(config), "--seeds", "0", "1", "--out", str(tmp / "results")]
+    args = [str(config), "--seeds", "0", "1", "--out", str(tmp / "results"), "--train-rows", "40"]
     main([*args, "--runs", str(tmp / "runs")])
     return tmp, args
 
@@ -71,11 +71,12 @@ def test_table_has_every_method_with_layers_chosen_on_train_dev(reproduced):
     table = _csv(tmp / "results" / "paper_table.csv")
     assert list(table[0]) == COLUMNS
     expected = [
-        (r.method, e)
-        for r in ROWS
+        (n, r.method, e)
+        for n, rows in (("", ROWS), ("40", [r for r in ROWS if r.method in FACTORIAL]))
+        for r in rows
         for e in (["mean", "cls"] if r.encoders == "*" else ["mean+cls"])
     ]
-    assert [(r["method"], r["encoders"]) for r in table] == expected
+    assert [(r["train_rows"], r["method"], r["encoders"]) for r in table] == expected
     importance = json.loads((tmp / "results" / "paper_importance" / "sst2.json").read_text())
     rows = importance["rows"]
     best = {
@@ -85,7 +86,7 @@ def test_table_has_every_method_with_layers_chosen_on_train_dev(reproduced):
         for e in ("mean", "cls")
     }
     top = importance["selection"]
-    by = {(r["method"], r["encoders"]): r for r in table}
+    by = {(r["method"], r["encoders"]): r for r in table if not r["train_rows"]}
     assert by["last_layer", "mean"]["layers"] == "mean:6"
     assert by["best_layer", "cls"]["layers"] == f"cls:{best['cls']}"
     assert by["selected", "mean"]["layers"] == "mean:" + ",".join(map(str, top["mean"]))
@@ -93,15 +94,22 @@ def test_table_has_every_method_with_layers_chosen_on_train_dev(reproduced):
         f"{e}:{','.join(map(str, top[e]))}" for e in ("mean", "cls")
     )
     assert by["gated_all_layers", "mean+cls"]["layers"] == "mean:0,1,2,3,4,5,6 cls:0,1,2,3,4,5,6"
+    assert by["fused_best", "mean+cls"]["layers"] == f"mean:{best['mean']} cls:{best['cls']}"
+    assert by["single_last", "cls"]["layers"] == "cls:6"
     for r in table:
-        assert r["seeds"] == "2"
+        assert r["seeds"] == ("1" if r["method"] == "stacking" else "2")
+        if r["method"] in ("gated", "fused_last", "fused_best") and r["train_rows"] == "":
+            weights = [float(x.rsplit(":", 1)[1]) for x in r["gate"].split()]
+            assert len(weights) == 2 and sum(weights) == pytest.approx(1.0, abs=1e-3)
+        if r["method"] == "stacking":
+            continue
         for col in ("extract_s", "extract_peak_mb", "train_s", "train_peak_mb"):
             assert math.isfinite(float(r[col])) and float(r[col]) > 0, (r["method"], col)
     # a linear_probe run is convex and full-batch: both seeds give the same predictions
     probe = [tmp / "runs" / "sst2" / "linear_probe-mean" / f"seed{k}" for k in (0, 1)]
     a, b = (analysis.read_predictions(d / "predictions_test.csv") for d in probe)
     assert (a["pred"] == b["pred"]).all()
-    assert json.loads((probe[0] / "result.json").read_text())["l2"] in (0.1, 0.01, 0.001, 0.0001)
+    assert json.loads((probe[0] / "result.json").read_text())["l2"] in L2_GRID
     # two encoders cost what the two single-encoder extractions cost
     assert float(by["gated", "mean+cls"]["extract_s"]) == pytest.approx(
         float(by["last_layer", "mean"]["extract_s"]) + float(by["last_layer", "cls"]["extract_s"]),
@@ -115,76 +123,63 @@ def test_figures_come_from_the_runs(reproduced):
     tmp, _ = reproduced
     runs = _csv(tmp / "results" / "paper_runs.csv")
     table = _csv(tmp / "results" / "paper_table.csv")
-    assert len(runs) == 2 * len(table)
+    assert len(runs) == 2 * len(table) - 1  # stacking: one deterministic fit
     for row in table:
         seeds = [
-            r for r in runs if (r["method"], r["encoders"]) == (row["method"], row["encoders"])
+            r
+            for r in runs
+            if (r["train_rows"], r["method"], r["encoders"])
+            == (row["train_rows"], row["method"], row["encoders"])
         ]
         mean = sum(float(r["test_acc"]) for r in seeds) / len(seeds)
         assert float(row["test_acc_mean"]) == pytest.approx(mean, abs=1e-6)
-    run = next(r for r in runs if r["method"] == "gated" and r["seed"] == "1")
+    run = next(
+        r for r in runs if r["method"] == "gated" and r["seed"] == "1" and not r["train_rows"]
+    )
     logged = _csv(tmp / "runs" / "sst2" / "gated" / "seed1" / "metrics.csv")
     test_acc = [float(r["test_acc"]) for r in logged if r.get("test_acc")]
     assert test_acc == [pytest.approx(float(run["test_acc"]), abs=1e-6)]
     # each run's saved predictions give exactly its test and (best checkpoint's) dev accuracy
     for r in runs:
-        for split, col in (("test", "test_acc"), ("val", "val_acc")):
+        for split, col in (("test", "test_acc"), ("val", "val_acc"))[
+            : 1 if r["method"] == "stacking" else 2
+        ]:
             p = analysis.read_predictions(Path(r["run_dir"]) / f"predictions_{split}.csv")
             assert (p["pred"] == p["gold"]).mean() == pytest.approx(float(r[col]), abs=1e-6)
             assert list(p["index"]) == list(range(EVAL_ROWS))
 
 
-def test_gains_verdicts_and_significance_recomputed_from_the_runs(reproduced):
-    """Recompute the reference rows (by dev), gains, targets, intervals and p-values from
-    paper_runs.csv and the saved predictions, and compare with paper_table.csv/.md."""
+def test_statistics_recompute_from_the_packed_predictions(reproduced, tmp_path):
+    """The packed file holds every run's predictions; `analyze --from-results` recomputes the table."""
+    from layerfusion.analysis import main as analyze_main
+
     tmp, _ = reproduced
-    runs = read_runs(tmp / "results" / "paper_runs.csv")
-    table = table_from_runs(runs)
-    single = [r for r in table if "+" not in r["encoders"]]
-    base = max(single, key=lambda r: r["val_acc_mean"])
-    assert best_single(table) is base
-    written = {(r["method"], r["encoders"]): r for r in _csv(tmp / "results" / "paper_table.csv")}
-    for r in table:
-        w = written[r["method"], r["encoders"]]
-        assert float(w["test_acc_mean"]) == pytest.approx(r["test_acc_mean"], abs=1e-6)
-        assert w["vs"] == f"{base['method']} {base['encoders']}"
-
-        def correct(row):
-            out = []
-            for x in sorted(
-                (x for x in runs if (x["method"], x["encoders"]) == row), key=lambda x: x["seed"]
-            ):
-                p = analysis.read_predictions(Path(x["run_dir"]) / "predictions_test.csv")
-                out.append(p["pred"] == p["gold"])
-            return out
-
-        mine, ref = (
-            correct((r["method"], r["encoders"])),
-            correct((base["method"], base["encoders"])),
+    out = tmp / "results"
+    packed = evidence.load(out / "predictions" / "sst2.npz")
+    runs = _csv(out / "paper_runs.csv")
+    assert len(packed["runs"]) == len(runs)
+    for meta, pred in zip(packed["runs"], packed["pred_test"]):
+        run = next(
+            r
+            for r in runs
+            if (r["train_rows"], r["method"], r["encoders"], r["seed"])
+            == (str(meta["train_rows"]), meta["method"], meta["encoders"], str(meta["seed"]))
         )
-        diff = sum(a.mean() - b.mean() for a, b in zip(mine, ref)) / len(mine)
-        assert float(w["diff"]) == pytest.approx(diff, abs=1e-6)
-        # the interval is exactly analysis.paired_bootstrap's over these rows (CSV keeps 6 decimals)
-        _, want_lo, want_hi = analysis.paired_bootstrap(mine, ref)
-        assert float(w["diff_lo"]) == pytest.approx(want_lo, abs=1e-6)
-        assert float(w["diff_hi"]) == pytest.approx(want_hi, abs=1e-6)
-        p_max = max(analysis.mcnemar_exact(a, b) for a, b in zip(mine, ref))
-        assert float(w["mcnemar_p_max"]) == pytest.approx(p_max, abs=1e-6)
-        lo, hi = float(w["diff_lo"]), float(w["diff_hi"])
-        expected = (
-            "reference" if r is base else "better" if lo > 0 else "worse" if hi < 0 else "n.s."
-        )
-        assert w["verdict"] == expected
-    g = gains(table)["sst2"]
-    gated = next(r for r in table if r["method"] == "gated")
-    assert g["gain_over_single"] == pytest.approx(gated["test_acc_mean"] - base["test_acc_mean"])
-    md = (tmp / "results" / "paper_table.md").read_text()
-    assert (
-        f"| {100 * g['gain_over_single']:+.2f} | {written['gated', 'mean+cls']['verdict']} |" in md
-    )
-    verdict = "met" if g["gain_over_single"] >= 0 else "NOT met"
-    assert f"Target 1, gated >= every single-encoder row (the best by dev): {verdict} " in md
-    assert "--share 0.5" in md
+        saved = analysis.read_predictions(Path(run["run_dir"]) / "predictions_test.csv")
+        assert (pred == saved["pred"]).all()
+    _, problems = from_results(out)
+    assert problems == []
+    assert analyze_main(["--from-results", str(out), "--out", str(tmp_path)]) == 0
+    table = _csv(out / "paper_table.csv")
+    for n in ("", "40"):
+        family = [r for r in table if r["train_rows"] == n]
+        assert sum(r["verdict"] == "reference" for r in family) == 1
+        (primary,) = [r for r in family if r["primary"] == "True"]
+        assert (primary["method"], primary["encoders"]) == ("gated", "mean+cls")
+    md = (out / "paper_table.md").read_text()
+    assert "## Primary comparison: gated (both encoders) vs the reference" in md
+    assert "--share 0.5" in md and "--train-rows 40" in md
+    assert "## Stacking bound (full data)" in md and "| sst2 | 40 | " in md
 
 
 def test_complementarity_and_analyze_agree_with_the_predictions(reproduced, tmp_path):
@@ -221,18 +216,6 @@ def test_complementarity_and_analyze_agree_with_the_predictions(reproduced, tmp_
         analysis.analyze([run_a, tmp_path], tmp_path / "x")
 
 
-def test_committed_table_is_the_mean_of_the_committed_runs():
-    """results/paper_table.csv against results/paper_runs.csv (older files carry a per-run extract_s)."""
-    runs = read_runs(REPO / "results" / "paper_runs.csv")
-    table = {(r["dataset"], r["method"], r["encoders"]): r for r in table_from_runs(runs)}
-    written = _csv(REPO / "results" / "paper_table.csv")
-    assert len(written) == len(table)
-    for w in written:
-        r = table[w["dataset"], w["method"], w["encoders"]]
-        for col in ("test_acc_mean", "test_acc_std", "val_acc_mean", "test_f1_mean"):
-            assert float(w[col]) == pytest.approx(r[col], abs=2e-6), (w["method"], col)
-
-
 def test_rerun_reuses_finished_runs_and_redoes_damaged_ones(reproduced):
     tmp, args = reproduced
     results = sorted((tmp / "runs").rglob("result.json"))
@@ -244,13 +227,17 @@ def test_rerun_reuses_finished_runs_and_redoes_damaged_ones(reproduced):
     old_result = json.loads(legacy.read_text())
     legacy.write_text(json.dumps({**old_result, "extract_s": 12.5}))  # a key older versions wrote
     stamps[legacy] = legacy.stat().st_mtime_ns
-    main([*args, "--runs", str(tmp / "runs"), "--methods", "concat_last", "gated"])
+    main([*args[:-2], "--runs", str(tmp / "runs"), "--methods", "concat_last", "gated"])
     changed = [p for p in results if p.stat().st_mtime_ns != stamps[p]]
     assert changed == [damaged]  # and the legacy result was reused, not retrained
     assert json.loads(damaged.read_text())["method"] == "concat_last"
     table = _csv(tmp / "results" / "paper_table.csv")
     assert [r["method"] for r in table] == ["concat_last", "gated"]
-    old = {(r["method"], r["encoders"]): r for r in csv.DictReader(before.splitlines())}
+    old = {
+        (r["method"], r["encoders"]): r
+        for r in csv.DictReader(before.splitlines())
+        if not r["train_rows"]
+    }
     for r in table:  # same settings and seed: the rebuilt run reproduces the number
         assert r["test_acc_mean"] == old[r["method"], r["encoders"]]["test_acc_mean"]
     runs = _csv(tmp / "results" / "paper_runs.csv")  # columns: the union over the runs
@@ -258,13 +245,38 @@ def test_rerun_reuses_finished_runs_and_redoes_damaged_ones(reproduced):
     # one seed: no "± 0.00"; the W&B logger is not part of the reuse key
     main(
         [*args[:1], "--seeds", "0", "--methods", "gated", "--logger", "wandb"]
-        + [*args[-2:], "--runs", str(tmp / "runs")]
+        + [*args[-4:-2], "--runs", str(tmp / "runs")]
     )
     assert [p for p in results if p.stat().st_mtime_ns != stamps[p]] == [damaged]
     md = (tmp / "results" / "paper_table.md").read_text()
     (gated,) = [line for line in md.splitlines() if line.startswith("| gated | mean+cls")]
     assert "±" not in gated and "--methods gated --logger wandb" in md
     assert _csv(tmp / "results" / "paper_table.csv")[0]["test_acc_std"] == ""
+
+
+def test_reuse_only_tabulates_finished_rows_and_trains_nothing(reproduced, tmp_path):
+    tmp, args = reproduced
+    runs = tmp / "runs"
+    missing = runs / "sst2" / "fused_last" / "seed1" / "result.json"
+    kept = missing.read_text()
+    missing.unlink()
+    try:
+        before = {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")}
+        out = tmp_path / "results"
+        main(
+            [args[0], "--seeds", "0", "1", "--out", str(out), "--runs", str(runs), "--reuse-only"]
+            + ["--methods", "selected", "gated", "fused_last"]
+        )
+        assert {p: p.stat().st_mtime_ns for p in runs.rglob("result.json")} == before
+    finally:
+        missing.write_text(kept)
+    table = _csv(out / "paper_table.csv")
+    assert [(r["method"], r["encoders"]) for r in table] == [
+        ("selected", "mean"),
+        ("selected", "cls"),
+        ("gated", "mean+cls"),
+    ]
+    assert from_results(out)[1] == []
 
 
 def test_bad_arguments_are_named(reproduced, tmp_path):
@@ -301,8 +313,8 @@ def test_runs_can_be_tracked_in_wandb(reproduced, monkeypatch):
     # the dataset's analysis is one more W&B run: significance and CKA tables, the CKA heatmap
     (offline,) = sorted((runs / "sst2" / "analysis" / "wandb").glob("offline-run-*"))
     history = read_run(offline)["history"]
-    assert history["significance/_type"] == ["table-file"]
-    assert history["significance/nrows"] == [1]  # the one row trained here: gated
+    assert history["runs/_type"] == ["table-file"]
+    assert history["runs/nrows"] == [2]  # the one row trained here: gated, two seeds
     assert history["cka/_type"] == ["table-file"] and history["cka/nrows"] == [14 * 14]
     assert history["cka_heatmap/_type"] == ["image-file"]
 

@@ -45,7 +45,17 @@ from pathlib import Path
 
 from layerfusion.errors import ConfigError
 from layerfusion.files import write_csv, write_text
-from layerfusion.reproduce.grid import COLUMNS, GROUP, L2_GRID, ROWS, SPLITS, Row
+from layerfusion.reproduce import evidence
+from layerfusion.reproduce.grid import (
+    COLUMNS,
+    FACTORIAL,
+    FROM_PREDICTIONS,
+    GROUP,
+    L2_GRID,
+    ROWS,
+    SPLITS,
+    Row,
+)
 from layerfusion.reproduce.markdown import markdown
 from layerfusion.reproduce.runner import (
     extract_features,
@@ -54,30 +64,22 @@ from layerfusion.reproduce.runner import (
     reproduce_dataset,
     run_one,
 )
-from layerfusion.reproduce.tables import (
-    aggregate,
-    best_single,
-    complementarity,
-    csv_rows,
-    gains,
-    read_runs,
-    significance,
-    table_from_runs,
-)
+from layerfusion.reproduce.tables import aggregate, complementarity, csv_rows, read_runs
 
 __all__ = [
     "COLUMNS",
+    "FACTORIAL",
     "GROUP",
     "L2_GRID",
     "ROWS",
     "SPLITS",
     "Row",
     "aggregate",
-    "best_single",
     "complementarity",
     "csv_rows",
+    "evidence",
     "extract_features",
-    "gains",
+    "from_results",
     "importance",
     "instantiate",
     "main",
@@ -85,8 +87,6 @@ __all__ = [
     "read_runs",
     "reproduce_dataset",
     "run_one",
-    "significance",
-    "table_from_runs",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("configs", nargs="+", help="experiment configs (layerfusion fit configs)")
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per row (default: 0 1 2)"
+        "--seeds", type=int, nargs="+", default=list(range(10)), help="seeds per row (default: 0-9)"
     )
     parser.add_argument("--share", type=float, default=0.5, help="cumulative selection share")
     parser.add_argument("--out", default="results", help="where the tables go")
     parser.add_argument("--runs", default="runs/reproduce", help="per-run logs and checkpoints")
     parser.add_argument("--methods", nargs="*", help="only these methods (default: all)")
+    parser.add_argument(
+        "--train-rows",
+        type=int,
+        nargs="*",
+        default=[],
+        help="low-data arm: the factorial rows again on this many training rows each (e.g. 50 200 1000)",
+    )
+    parser.add_argument(
+        "--low-data",
+        nargs="*",
+        metavar="CONFIG_STEM",
+        help="run the --train-rows arm only for these configs (by file stem, e.g. sst2; default: all)",
+    )
+    parser.add_argument(
+        "--low-data-methods",
+        nargs="*",
+        default=list(FACTORIAL),
+        help="the rows of the --train-rows arm (default: the factorial rows)",
+    )
+    parser.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="train nothing: tabulate the rows whose every seed has finished in an earlier invocation",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="head runs at once, each in its own process with one torch thread (default 1)",
+    )
     parser.add_argument(
         "--logger",
         choices=["csv", "wandb"],
@@ -125,14 +155,30 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in args.configs if not Path(p).is_file()]
     if missing:  # before any training: a typo in the last config must not surface an hour later
         raise ConfigError(f"experiment config {', '.join(missing)} does not exist")
+    if any(n < 1 for n in args.train_rows):
+        raise ConfigError(f"--train-rows must be positive numbers of rows, got {args.train_rows}")
     rows = [r for r in ROWS if not args.methods or r.method in args.methods]
     out, runs = Path(args.out), Path(args.runs)
-    table, per_run, pairs = [], [], []
+    table, per_run, pairs, packed = [], [], [], {}
     for path in args.configs:
         t, r, p = reproduce_dataset(
-            Path(path), rows, args.seeds, args.share, out, runs, args.logger
+            Path(path),
+            rows,
+            args.seeds,
+            args.share,
+            out,
+            runs,
+            args.logger,
+            args.train_rows if args.low_data is None or Path(path).stem in args.low_data else [],
+            args.jobs,
+            args.low_data_methods,
+            args.reuse_only,
         )
-        table += t
+        if not t:  # --reuse-only and nothing finished
+            continue
+        name = t[0]["dataset"]
+        packed[name] = evidence.pack(r)
+        table += merge(t, evidence.evidence_table(name, packed[name]))
         per_run += r
         pairs += p
     wall = time.perf_counter() - start
@@ -142,9 +188,49 @@ def main(argv: list[str] | None = None) -> int:
         out / "paper_runs.csv": csv_rows(per_run),
         out / "paper_complementarity.csv": csv_rows(pairs),
     }
-    text = markdown(table, per_run, pairs, args, wall)
+    text = markdown(table, packed, pairs, args, wall)
+    for name, arrays in packed.items():
+        evidence.save(out / "predictions" / f"{name}.npz", arrays)
     for path, content in files.items():
         write_csv(path, content)
     write_text(out / "paper_table.md", text)
     log.info("wrote %s, %s (%.0f s)", out / "paper_table.csv", out / "paper_table.md", wall)
     return 0
+
+
+def merge(table: list[dict], computed: list[dict]) -> list[dict]:
+    """The runs' aggregated rows (costs, gate) with the columns computed from the predictions."""
+    by = {(r["train_rows"], r["method"], r["encoders"]): r for r in computed}
+    return [{**r, **by[r["train_rows"], r["method"], r["encoders"]]} for r in table]
+
+
+def from_results(results: Path, samples: int | None = None) -> tuple[list[dict], list[str]]:
+    """Recompute every prediction-derived column of `<results>/paper_table.csv` from
+    `<results>/predictions/*.npz` alone: (recomputed rows, differences from the committed table)."""
+    import csv
+
+    written = list(csv.DictReader((results / "paper_table.csv").open()))
+    rows, problems = [], []
+    for name in dict.fromkeys(w["dataset"] for w in written):
+        rows += evidence.evidence_table(
+            name,
+            evidence.load(results / "predictions" / f"{name}.npz"),
+            **({"samples": samples} if samples else {}),
+        )
+    mine = {
+        (str(r["dataset"]), str(r["train_rows"]), r["method"], r["encoders"]): r
+        for r in csv_rows(rows)
+    }
+    for w in written:
+        r = mine.pop((w["dataset"], w["train_rows"], w["method"], w["encoders"]), None)
+        if r is None:
+            problems.append(f"{w['dataset']} {w['method']} {w['encoders']}: not in the predictions")
+            continue
+        for col in FROM_PREDICTIONS:
+            if str(r[col]) != w[col]:
+                problems.append(
+                    f"{w['dataset']} n={w['train_rows'] or 'all'} {w['method']} {w['encoders']} "
+                    f"{col}: committed {w[col]!r}, recomputed {r[col]!r}"
+                )
+    problems += [f"{k}: in the predictions, not in the table" for k in mine]
+    return rows, problems

@@ -19,6 +19,7 @@ L2_GRID = (
 
 COLUMNS = [
     "dataset",
+    "train_rows",
     "method",
     "group",
     "encoders",
@@ -27,18 +28,31 @@ COLUMNS = [
     "test_acc_std",
     "test_f1_mean",
     "val_acc_mean",
+    "val_f1_mean",
     "seeds",
     "vs",
     "diff",
     "diff_lo",
     "diff_hi",
-    "mcnemar_p_max",
+    "p",
+    "p_bound",
+    "p_holm",
+    "p_holm_bound",
     "verdict",
+    "primary",
+    "ref_tied",
+    "tie_changes",
+    "gate",
     "extract_s",
     "extract_peak_mb",
     "train_s",
     "train_peak_mb",
 ]
+"""The table's columns; `test_*`/`val_*`, `seeds` and every significance column come from the per-row
+predictions alone (`results/predictions/<dataset>.npz`), so `layerfusion analyze --from-results` recomputes
+them; `gate` and the cost columns come from the runs (`paper_runs.csv`)."""
+
+FROM_PREDICTIONS = COLUMNS[COLUMNS.index("test_acc_mean") : COLUMNS.index("gate")]
 
 
 NOT_IN_CSV = ("reused", "features")
@@ -83,6 +97,46 @@ ROWS = [
         description="the method: gated fusion over selected layers",
     ),
     Row(
+        "single_last",
+        "*",
+        "gated",
+        "last",
+        "factorial",
+        "the gated head on the last layer, one encoder",
+    ),
+    Row(
+        "single_best",
+        "*",
+        "gated",
+        "best",
+        "factorial",
+        "the gated head on the best dev-probe layer, one encoder",
+    ),
+    Row(
+        "fused_last",
+        "all",
+        "gated",
+        "last",
+        "factorial",
+        "the gated head on every encoder's last layer",
+    ),
+    Row(
+        "fused_best",
+        "all",
+        "gated",
+        "best",
+        "factorial",
+        "the gated head on every encoder's best dev-probe layer",
+    ),
+    Row(
+        "stacking",
+        "all",
+        "stacking",
+        "best",
+        "bound",
+        "logistic regression on the encoders' linear_probe log-probabilities, cross-fitted on dev folds",
+    ),
+    Row(
         "no_gate",
         "all",
         "mix_concat",
@@ -111,6 +165,13 @@ ROWS = [
 
 
 GROUP = {r.method: r.group for r in ROWS}
+
+FACTORIAL = ("single_last", "single_best", "selected", "fused_last", "fused_best", "gated")
+"""One head (gated) throughout: {one encoder, every encoder} x {last layer, best dev layer, top-k by
+importance}; the rows of the low-data arm."""
+
+PRIMARY = "gated"
+"""The declared primary comparison of each family: `gated` against the reference row."""
 
 
 def _layers(row: Row, encs: list[str], selections: dict, depth: dict[str, int]) -> dict | None:

@@ -1,4 +1,5 @@
-"""`paper_table.md`: the table, the gains of `gated` and the complementarity, as Markdown."""
+"""`paper_table.md`: the primary comparison, the tables per dataset and training-set size, the factorial,
+the stacking bound and the complementarity, as Markdown."""
 
 from __future__ import annotations
 
@@ -7,17 +8,26 @@ import platform
 import statistics
 import sys
 
-from layerfusion.reproduce.tables import gains
+import numpy as np
+
+from layerfusion.reproduce.grid import FACTORIAL
+from layerfusion.reproduce.stats import ALPHA, LEVEL, SAMPLES, format_p
 
 
-def markdown(table: list[dict], per_run: list[dict], pairs: list[dict], args, wall: float) -> str:
+def markdown(table: list[dict], packed: dict, pairs: list[dict], args, wall: float) -> str:
     import torch
 
-    reused, total = sum(bool(r.get("reused")) for r in per_run), len(per_run)
     command = (
         f"layerfusion reproduce {' '.join(args.configs)} --seeds {' '.join(map(str, args.seeds))} "
         f"--share {args.share}"
         + (f" --methods {' '.join(args.methods)}" if args.methods else "")
+        + (f" --train-rows {' '.join(map(str, args.train_rows))}" if args.train_rows else "")
+        + (f" --low-data {' '.join(args.low_data)}" if args.train_rows and args.low_data else "")
+        + (
+            f" --low-data-methods {' '.join(args.low_data_methods)}"
+            if args.train_rows and list(args.low_data_methods) != list(FACTORIAL)
+            else ""
+        )
         + (f" --logger {args.logger}" if args.logger != "csv" else "")
     )
     lines = [
@@ -26,72 +36,70 @@ def markdown(table: list[dict], per_run: list[dict], pairs: list[dict], args, wa
         f"Command: `{command}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {_cpus()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; Python {sys.version.split()[0]}.  ",
-        f"Wall time of this invocation: {wall / 60:.1f} min; {reused} of {total} head runs were "
-        "reused from an earlier invocation (same resolved config).",
+        f"Wall time of this invocation: {wall / 60:.1f} min.  ",
+        "Every accuracy, interval, p-value and verdict below is recomputed from "
+        "`predictions/<dataset>.npz` alone by `layerfusion analyze --from-results <out>`.",
         "",
-        "Accuracy in %, mean ± std over seeds (test split; layers chosen on train/dev). "
-        "vs best single: the test-accuracy difference to the best single-encoder row (chosen by dev "
-        "accuracy), mean over seeds, with its paired bootstrap 95 % interval over test rows and the "
-        "largest per-seed exact McNemar p; better / worse = the interval excludes 0, n.s. = it does not. "
-        "`linear_probe` is convex and fitted full-batch, so its seeds agree. extract_s / extract_peak_mb: "
-        "cold feature extraction of the row's encoders (train+dev+test), each encoder measured alone; "
-        "train_s: head training wall time per seed, measured while other work may share the machine, so "
-        "differences between methods of a few seconds are load, not method; train_peak_mb: peak memory of "
-        "a training run on cached features (encoders loaded).",
+        "Accuracy in %, mean over seeds (± std over seeds) on the test split; layers chosen on train/dev. "
+        "Each family (one dataset, one training-set size) compares every row with its **reference**: the "
+        "single-encoder row with the highest mean dev accuracy (ties: higher mean dev macro-F1, then the "
+        "simpler method: linear_probe, last_layer, best_layer, single_last, single_best, selected). "
+        f"diff: mean test-accuracy difference; [interval]: {100 * LEVEL:.0f} % two-level bootstrap "
+        f"({SAMPLES} resamples of the seeds of each row, then of the test rows, paired); p: two-sided "
+        f"bootstrap p (smallest possible {2 / (SAMPLES + 1):.2g}, shown as a bound); p (Holm): adjusted "
+        f"within the family; verdict better / worse when p (Holm) < {ALPHA}, else n.s. The declared "
+        "primary comparison is `gated` (both encoders) against the reference. `stacking` and "
+        "`linear_probe` are deterministic (one fit, repeated per seed). gate: mean gate weight per encoder "
+        "over test rows and seeds. train_s: head training wall time per seed on cached features.",
         "",
     ]
-    for name in dict.fromkeys(r["dataset"] for r in table):
+    families = list(dict.fromkeys((r["dataset"], r["train_rows"]) for r in table))
+    lines += [
+        "## Primary comparison: gated (both encoders) vs the reference",
+        "",
+        "| dataset | train rows | gated | reference | ref | diff [CI] | p | p (Holm) | verdict | tie on dev |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d, n in families:
+        fam = [r for r in table if (r["dataset"], r["train_rows"]) == (d, n)]
+        gated = next((r for r in fam if r.get("primary")), None)
+        ref = next((r for r in fam if r.get("verdict") == "reference"), None)
+        if gated is None or ref is None:
+            continue
+        lines.append(
+            f"| {d} | {n or 'all'} | {_acc(gated)} | {ref['method']} {ref['encoders']} | {_acc(ref)} | "
+            f"{_diff(gated)} | {format_p(gated['p'], gated['p_bound'])} | "
+            f"{format_p(gated['p_holm'], gated['p_holm_bound'])} | {gated['verdict']} | {_tie(ref)} |"
+        )
+    lines.append("")
+    for d, n in families:
+        fam = [r for r in table if (r["dataset"], r["train_rows"]) == (d, n)]
         lines += [
-            f"## {name}",
+            f"## {d}" + ("" if not n else f", {n} training rows"),
             "",
-            "| method | encoders | layers | test acc | test macro-F1 | dev acc | vs best single [95 % CI] | McNemar p | extract_s | extract_peak_mb | train_s | train_peak_mb |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | encoders | layers | test acc | macro-F1 | dev acc | seeds | vs reference: diff [CI] | p | p (Holm) | verdict | gate | train_s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in (r for r in table if r["dataset"] == name):
-            method = r["method"] + (" *(ablation)*" if r["group"] == "ablation" else "")
-            std = "" if r["test_acc_std"] is None else f" ± {100 * r['test_acc_std']:.2f}"
-            vs = (
-                "reference"
-                if r.get("verdict") == "reference"
-                else f"{100 * r['diff']:+.2f} [{100 * r['diff_lo']:+.2f}, {100 * r['diff_hi']:+.2f}] {r['verdict']}"
-                if "diff" in r
-                else ""
-            )
-            p = f"{r['mcnemar_p_max']:.3g}" if "mcnemar_p_max" in r and vs != "reference" else ""
+        for r in fam:
+            method = r["method"] + (f" *({r['group']})*" if r["group"] not in ("main",) else "")
+            if r.get("primary"):
+                method = f"**{method}** (primary)"
             lines.append(
-                f"| {method} | {r['encoders']} | {r['layers']} | {100 * r['test_acc_mean']:.2f}{std} | "
-                f"{100 * r['test_f1_mean']:.2f} | {100 * r['val_acc_mean']:.2f} | {vs} | {p} | "
-                f"{_num(r['extract_s'], 0)} | {_num(r['extract_peak_mb'], 0)} | {r['train_s']:.1f} | "
-                f"{_num(r['train_peak_mb'], 0)} |"
+                f"| {method} | {r['encoders']} | {r['layers']} | {_acc(r, std=True)} | "
+                f"{100 * r['test_f1_mean']:.2f} | {100 * r['val_acc_mean']:.2f} | {r['seeds']} | "
+                f"{_diff(r)} | {format_p(r.get('p'), r.get('p_bound'))} | "
+                f"{format_p(r.get('p_holm'), r.get('p_holm_bound'))} | {r.get('verdict', '')} | "
+                f"{r.get('gate', '')} | {r['train_s']:.1f} |"
             )
+        ref = next((r for r in fam if r.get("verdict") == "reference"), None)
+        if ref is not None and ref.get("ref_tied"):
+            lines += [
+                "",
+                f"Tie on dev accuracy: {ref['method']} {ref['encoders']} (reference) and {ref['ref_tied']}. "
+                f"Verdicts that change with the other as reference: {ref['tie_changes']}.",
+            ]
         lines.append("")
-    g = gains(table)
-    if g:
-        lines += [
-            "## Gains of `gated` (accuracy points; reference rows chosen by dev accuracy)",
-            "",
-            "| dataset | gated | better last_layer | gain | best single-encoder row | gain | significance |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, x in g.items():
-            lines.append(
-                f"| {name} | {100 * x['gated']:.2f} | {100 * x['best_last']:.2f} ({x['best_last_row']}) | "
-                f"{100 * x['gain_over_last']:+.2f} | {100 * x['best_single']:.2f} ({x['best_single_row']}) | "
-                f"{100 * x['gain_over_single']:+.2f} | {x['verdict'] or ''} |"
-            )
-        mean_gain = statistics.fmean(x["gain_over_last"] for x in g.values())
-        per_single = ", ".join(f"{n} {100 * x['gain_over_single']:+.2f}" for n, x in g.items())
-        lines += [
-            f"| **mean** | | | **{100 * mean_gain:+.2f}** | | "
-            f"**{100 * statistics.fmean(x['gain_over_single'] for x in g.values()):+.2f}** | |",
-            "",
-            f"Target 1, gated >= every single-encoder row (the best by dev): "
-            f"{'met' if all(x['gain_over_single'] >= 0 for x in g.values()) else 'NOT met'} "
-            f"({per_single}).  ",
-            f"Target 2, mean gain over the better last_layer >= 1.5 points: "
-            f"{'met' if mean_gain >= 0.015 else 'NOT met'} ({100 * mean_gain:+.2f}).",
-            "",
-        ]
+    lines += _factorial(table, families) + _stacking(table, packed)
     if pairs:
         lines += [
             "## Complementarity of the encoders (each encoder's best single-encoder row by dev; "
@@ -123,8 +131,98 @@ def markdown(table: list[dict], per_run: list[dict], pairs: list[dict], args, wa
     return "\n".join(lines)
 
 
-def _num(v, digits: int) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def _acc(r: dict, std: bool = False) -> str:
+    tail = f" ± {100 * r['test_acc_std']:.2f}" if std and r.get("test_acc_std") is not None else ""
+    return f"{100 * r['test_acc_mean']:.2f}{tail}"
+
+
+def _diff(r: dict) -> str:
+    if r.get("diff") is None or r.get("verdict") == "reference":
+        return "reference" if r.get("verdict") == "reference" else ""
+    return f"{100 * r['diff']:+.2f} [{100 * r['diff_lo']:+.2f}, {100 * r['diff_hi']:+.2f}]"
+
+
+def _tie(ref: dict) -> str:
+    return (
+        f"with {ref['ref_tied']}; changes: {ref['tie_changes']}" if ref.get("ref_tied") else "none"
+    )
+
+
+def _factorial(table: list[dict], families: list) -> list[str]:
+    """One head (gated) on {the better encoder by dev, both} x {last, best dev layer, top-k}."""
+    lines = [
+        "## Factorial: one head (gated), layers x encoders",
+        "",
+        "Test accuracy; the single-encoder cells use the encoder whose `selected` row has the higher "
+        "mean dev accuracy. layers effect: top-k minus last layer; fusion effect: both minus one.",
+        "",
+        "| dataset | train rows | encoder | one: last | one: best | one: top-k | both: last | both: best | both: top-k | fusion effect (top-k) | layers effect (both) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d, n in families:
+        fam = {
+            (r["method"], r["encoders"]): r
+            for r in table
+            if (r["dataset"], r["train_rows"]) == (d, n) and r["method"] in FACTORIAL
+        }
+        singles = [r for (m, _), r in fam.items() if m == "selected"]
+        both = [r for (m, e), r in fam.items() if m == "gated"]
+        if not singles or not both:
+            continue
+        enc = max(singles, key=lambda r: r["val_acc_mean"])["encoders"]
+        pair = both[0]["encoders"]
+        cells = [fam.get((m, enc)) for m in FACTORIAL[:3]] + [
+            fam.get((m, pair)) for m in FACTORIAL[3:]
+        ]
+        acc = [None if c is None else c["test_acc_mean"] for c in cells]
+        fusion = _pts(acc[5], acc[2])
+        layers = _pts(acc[5], acc[3])
+        lines.append(
+            f"| {d} | {n or 'all'} | {enc} | "
+            + " | ".join("" if a is None else f"{100 * a:.2f}" for a in acc)
+            + f" | {fusion} | {layers} |"
+        )
+    return lines + [""]
+
+
+def _pts(a, b) -> str:
+    return "" if a is None or b is None else f"{100 * (a - b):+.2f}"
+
+
+def _stacking(table: list[dict], packed: dict) -> list[str]:
+    """Stacking against the oracle of the two encoders' linear probes (either right) on test."""
+    lines = [
+        "## Stacking bound (full data)",
+        "",
+        "oracle: a row counts as right when either encoder's linear_probe is right; headroom reached: "
+        "(stacking - reference) / (oracle - reference).",
+        "",
+        "| dataset | reference | stacking | oracle of the probes | headroom reached |",
+        "|---|---|---|---|---|",
+    ]
+    for d, p in packed.items():
+        fam = [r for r in table if r["dataset"] == d and not r["train_rows"]]
+        stack = next((r for r in fam if r["method"] == "stacking"), None)
+        ref = next((r for r in fam if r.get("verdict") == "reference"), None)
+        probes = [
+            i
+            for i, m in enumerate(p["runs"])
+            if m["method"] == "linear_probe" and not m["train_rows"]
+        ]
+        if stack is None or ref is None or not probes:
+            continue
+        first = {}
+        for i in probes:
+            first.setdefault(p["runs"][i]["encoders"], i)
+        right = np.stack([p["pred_test"][i] == p["gold_test"] for i in first.values()])
+        oracle = float(right.any(0).mean())
+        room = oracle - ref["test_acc_mean"]
+        share = (stack["test_acc_mean"] - ref["test_acc_mean"]) / room if room > 0 else math.nan
+        lines.append(
+            f"| {d} | {_acc(ref)} ({ref['method']} {ref['encoders']}) | {_acc(stack)} | "
+            f"{100 * oracle:.2f} | {100 * share:.0f} % |"
+        )
+    return lines + [""]
 
 
 def _cpus() -> int:

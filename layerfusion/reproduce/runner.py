@@ -16,6 +16,7 @@ import yaml
 from layerfusion.errors import ConfigError
 from layerfusion.files import write_json
 from layerfusion.reproduce.grid import (
+    FACTORIAL,
     L2_GRID,
     SPLITS,
     Row,
@@ -25,7 +26,8 @@ from layerfusion.reproduce.grid import (
     _row_id,
     _spec_key,
 )
-from layerfusion.reproduce.tables import aggregate, complementarity, significance
+from layerfusion.reproduce.stats import macro_f1
+from layerfusion.reproduce.tables import aggregate, complementarity
 
 log = logging.getLogger("layerfusion.reproduce")
 
@@ -38,8 +40,17 @@ def reproduce_dataset(
     out: Path,
     runs: Path,
     logger: str = "csv",
+    train_rows: list[int] | None = None,
+    jobs: int = 1,
+    arm_methods: list[str] | tuple[str, ...] = FACTORIAL,
+    reuse_only: bool = False,
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    """All rows of one experiment config: (aggregated rows, per-seed results, encoder-pair analysis)."""
+    """All rows of one experiment config: (aggregated rows, per-seed results, encoder-pair analysis).
+
+    `train_rows`: the low-data arm: the `arm_methods` rows of `rows` again on that many training rows each
+    (stratified, `data.seed`; dev and test unchanged; layers as selected on the full data). `jobs`: head
+    runs at once, each in its own worker process (`run_many`). `reuse_only`: tabulate the finished runs
+    only (a row needs every seed)."""
     from layerfusion import analysis
 
     if not path.is_file():
@@ -58,47 +69,171 @@ def reproduce_dataset(
         f"{name}: linear CKA between layers (dev features)",
     )
     keys = list(depth)
+    arms = [(None, rows)] + [
+        (n, [r for r in rows if r.method in arm_methods]) for n in (train_rows or [])
+    ]
+    cells = []  # (n, row, encs, row_dir) in table order
+    tasks = []
+    for n, arm_rows in arms:
+        arm_cfg = copy.deepcopy(cfg)
+        if n is not None:
+            arm_cfg["data"]["max_train_samples"] = n
+        arm_dir = runs / name / ("" if n is None else f"n{n}")
+        for row in arm_rows:
+            for encs in [[k] for k in keys] if row.encoders == "*" else [keys]:
+                row_dir = arm_dir / _row_id(row, encs)
+                cells.append((n, row, encs, row_dir))
+                if row.head == "stacking":
+                    continue
+                layers = _layers(row, encs, selections, depth)
+                features = {
+                    k: {"val": str(entries[k][1]), "test": str(entries[k][2])} for k in encs
+                }
+                tasks += [
+                    (arm_cfg, row, encs, layers, seed, row_dir, logger, features, reuse_only)
+                    for seed in seeds
+                ]
+    done = iter(run_many(tasks, jobs))
     table, per_run = [], []
-    for row in rows:
-        for encs in [[k] for k in keys] if row.encoders == "*" else [keys]:
-            layers = _layers(row, encs, selections, depth)
-            features = {k: {"val": str(entries[k][1]), "test": str(entries[k][2])} for k in encs}
-            results = [
-                run_one(
-                    cfg, row, encs, layers, seed, runs / name / _row_id(row, encs), logger, features
-                )
-                for seed in seeds
-            ]
-            per_run += [{"dataset": name, **r} for r in results]
-            table.append(
-                aggregate(
+    for n, row, encs, row_dir in cells:
+        if row.head == "stacking":
+            probes = [_probe_run(per_run, name, n, k) for k in encs]
+            results = [stack_one(probes, seeds[0], row_dir / f"seed{seeds[0]}")]
+        else:
+            results = [next(done) for _ in seeds]
+            if None in results:  # --reuse-only: a row is tabulated with every seed or not at all
+                log.info(
+                    "%s %s %s: %d of %d seeds finished, left out",
                     name,
                     row.method,
-                    row.group,
-                    results,
-                    extract_s=sum(extraction_seconds(entries[k]) for k in encs),
-                    extract_peak_mb=max(extraction[k]["peak_mb"] for k in encs),
+                    "+".join(encs),
+                    len(seeds) - results.count(None),
+                    len(seeds),
                 )
-            )
-            log.info(
-                "%s %s %s: test_acc %.4f (%d seeds)",
+                continue
+        results = [{"dataset": name, "train_rows": n or "", **r} for r in results]
+        per_run += results
+        table.append(
+            aggregate(
                 name,
                 row.method,
-                "+".join(encs),
-                table[-1]["test_acc_mean"],
-                len(results),
+                row.group,
+                results,
+                extract_s=sum(extraction_seconds(entries[k]) for k in encs),
+                extract_peak_mb=max(extraction[k]["peak_mb"] for k in encs),
             )
-    significance(table, per_run)
-    pairs = complementarity(table, per_run)
+        )
+        log.info(
+            "%s%s %s %s: test_acc %.4f (%d seeds)",
+            name,
+            "" if n is None else f" n={n}",
+            row.method,
+            "+".join(encs),
+            table[-1]["test_acc_mean"],
+            len(results),
+        )
+    pairs = complementarity([r for r in table if not r["train_rows"]], per_run)
     if logger == "wandb":
         analysis.log_wandb(
             f"{name}-analysis",
             name,
-            {"significance": table, "complementarity": pairs, "cka": cka_rows},
+            {
+                "runs": [{k: v for k, v in r.items() if k != "features"} for r in per_run],
+                "complementarity": pairs,
+                "cka": cka_rows,
+            },
             {"cka_heatmap": out / "paper_cka" / f"{name}.png"},
             runs / name / "analysis",
         )
     return table, per_run, pairs
+
+
+HEAD_THREADS = 1
+"""Torch threads of a head run: its ops are tiny, and on a busy machine a second thread mostly waits at
+each op's barrier (an SST-2 `best_layer` run: 265 s of training with 2 threads, 50 s with 1, load 6 on
+2 cores)."""
+
+
+def run_many(tasks: list[tuple], jobs: int = 1) -> list[dict]:
+    """`run_one(*task)` for every task, in order: in this process (`jobs` 1) or in `jobs` worker processes
+    (spawned; each run is the same `LightningCLI` fit either way). Head runs use `HEAD_THREADS` threads."""
+    if jobs <= 1 or len(tasks) <= 1:
+        return [_run_task(t) for t in tasks]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(
+        jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init
+    ) as pool:
+        return list(pool.map(_run_task, tasks))
+
+
+def _worker_init() -> None:
+    from layerfusion.cli import log_to_stderr
+
+    log_to_stderr()
+
+
+def _run_task(task: tuple) -> dict:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(HEAD_THREADS)
+    try:
+        return run_one(*task)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe_run(per_run: list[dict], name: str, n: int | None, key: str) -> dict:
+    """The first-seed `linear_probe` run of encoder `key` (stacking combines their log-probabilities)."""
+    for r in per_run:
+        if (r["dataset"], r["train_rows"], r["method"], r["encoders"]) == (
+            name,
+            n or "",
+            "linear_probe",
+            key,
+        ):
+            return r
+    raise ConfigError("the stacking row needs the linear_probe row: add linear_probe to --methods")
+
+
+def stack_one(probes: list[dict], seed: int, run_dir: Path) -> dict:
+    """The stacking bound from the encoders' linear_probe log-probabilities (see `stacking.stack`)."""
+    import numpy as np
+
+    from layerfusion.analysis import read_predictions, write_predictions
+    from layerfusion.reproduce.stacking import stack
+
+    start = time.perf_counter()
+    logp = {
+        s: [np.load(Path(p["run_dir"]) / f"logprobs_{s}.npy") for p in probes]
+        for s in ("val", "test")
+    }
+    gold = {
+        s: read_predictions(Path(probes[0]["run_dir"]) / f"predictions_{s}.csv")
+        for s in ("val", "test")
+    }
+    pred = stack(logp["val"], gold["val"]["gold"], logp["test"], seed=seed)
+    for s in ("val", "test"):
+        write_predictions(
+            run_dir / f"predictions_{s}.csv", gold[s]["index"], pred[s], gold[s]["gold"]
+        )
+    acc = {s: float((pred[s] == gold[s]["gold"]).mean()) for s in ("val", "test")}
+    result = {
+        "method": "stacking",
+        "encoders": "+".join(p["encoders"] for p in probes),
+        "layers": " ".join(p["layers"] for p in probes),
+        "seed": seed,
+        "test_acc": acc["test"],
+        "test_f1": macro_f1(pred["test"], gold["test"]["gold"]),
+        "val_acc": acc["val"],
+        "epochs": 0,
+        "train_s": time.perf_counter() - start,
+        "run_dir": str(run_dir),
+    }
+    write_json(run_dir / "result.json", result)
+    return {**result, "reused": False}
 
 
 def extract_features(cfg: dict, run_dir: Path) -> dict[str, dict]:
@@ -201,10 +336,12 @@ def run_one(
     row_dir: Path,
     logger: str = "csv",
     features: dict | None = None,
-) -> dict:
+    reuse_only: bool = False,
+) -> dict | None:
     """Train, validate and test one head; reuse its `result.json` when the resolved config is unchanged.
 
-    `features`: the feature-cache entries of the run's encoders (recorded for `layerfusion analyze`)."""
+    `features`: the feature-cache entries of the run's encoders (recorded for `layerfusion analyze`).
+    `reuse_only`: train nothing; None when the run has not finished before."""
     run_dir = row_dir / f"seed{seed}"
     c = copy.deepcopy(cfg)
     by_key = {_spec_key(s): s for s in c["model"]["encoders"]}
@@ -238,9 +375,10 @@ def run_one(
 
     settings = resolved_config_hash(c)
     result_path = run_dir / "result.json"
-    if result_path.is_file() and all(
-        (run_dir / f"predictions_{s}.csv").is_file() for s in ("val", "test")
-    ):
+    needed = [f"predictions_{s}.csv" for s in ("val", "test")]
+    if row.head == "linear":
+        needed += [f"logprobs_{s}.npy" for s in ("val", "test")]  # for the stacking row
+    if result_path.is_file() and all((run_dir / f).is_file() for f in needed):
         try:
             done = json.loads(result_path.read_text())
         except ValueError:
@@ -250,6 +388,8 @@ def run_one(
                 done["features"] = features  # the cache moved: the run itself is still valid
                 write_json(result_path, done)
             return {**done, "reused": True}
+    if reuse_only:
+        return None
     c["trainer"]["logger"] = _logger(logger, row_dir, seed)
     fit = _fit_linear_probe if row.head == "linear" else _fit_head
     result = {
@@ -293,6 +433,7 @@ def _fit_head(c: dict, run_dir: Path) -> dict:
     for split in ("val", "test"):
         write_predictions(run_dir / f"predictions_{split}.csv", *preds.arrays(split))
     out = {
+        "gate": preds.gate(list(model.encoders)),
         "test_acc": metrics["test_acc"],
         "test_f1": metrics["test_f1"],
         "val_acc": float(ckpt.best_model_score),
@@ -321,8 +462,11 @@ def _fit_linear_probe(c: dict, run_dir: Path) -> dict:
         _PROBES[key] = _probe(c)
     out, preds, state = _PROBES[key]
 
-    for s, (index, pred, gold) in preds.items():
+    import numpy as np
+
+    for s, (index, pred, gold, logp) in preds.items():
         write_predictions(run_dir / f"predictions_{s}.csv", index, pred, gold)
+        np.save(run_dir / f"logprobs_{s}.npy", logp)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save(state, run_dir / "checkpoints" / "linear_probe.pt")
     return dict(out)
@@ -350,9 +494,12 @@ def _probe(c: dict) -> tuple[dict, dict, dict]:
     feats = {s: model.extract_split(dm.texts(s), s, device) for s in SPLITS}
     gold = {s: torch.tensor(dm.label_ids(s), device=device) for s in SPLITS}
 
-    def predict(split: str) -> torch.Tensor:
+    def logits(split: str) -> torch.Tensor:
         with torch.no_grad():
-            return head({k: v.to(device) for k, v in feats[split].items()}).argmax(-1)
+            return head({k: v.to(device) for k, v in feats[split].items()})
+
+    def predict(split: str) -> torch.Tensor:
+        return logits(split).argmax(-1)
 
     start = time.perf_counter()
     best, iters = None, {}
@@ -365,12 +512,17 @@ def _probe(c: dict) -> tuple[dict, dict, dict]:
             best = (l2, acc, copy.deepcopy(head.state_dict()))
     head.load_state_dict(best[2])
     train_s = time.perf_counter() - start
-    pred = {s: predict(s) for s in ("val", "test")}
-    preds = {s: (range(len(pred[s])), pred[s].cpu(), gold[s].cpu()) for s in ("val", "test")}
+    logp = {s: torch.log_softmax(logits(s).float(), -1).cpu() for s in ("val", "test")}
+    pred = {s: logp[s].argmax(-1) for s in ("val", "test")}
+    preds = {
+        s: (range(len(pred[s])), pred[s], gold[s].cpu(), logp[s].numpy()) for s in ("val", "test")
+    }
     out = {
-        "test_acc": float((pred["test"] == gold["test"]).float().mean()),
+        "test_acc": float((pred["test"] == gold["test"].cpu()).float().mean()),
         "test_f1": float(
-            multiclass_f1_score(pred["test"], gold["test"], len(model.label_names), average="macro")
+            multiclass_f1_score(
+                pred["test"], gold["test"].cpu(), len(model.label_names), average="macro"
+            )
         ),
         "val_acc": best[1],
         "l2": best[0],
@@ -402,10 +554,12 @@ def instantiate(cfg: dict):
 
 
 class _Predictions(L.Callback):
-    """Collects (row index, prediction, gold) of the last validation and test epoch (one process)."""
+    """Collects (row index, prediction, gold) of the last validation and test epoch (one process), and
+    the gated head's per-example gate weights on the test rows."""
 
     def __init__(self) -> None:
         self.rows: dict[str, list] = {}
+        self.gates: list = []
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.rows["val"] = []
@@ -418,6 +572,18 @@ class _Predictions(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
         self.rows["test"].append(_triple(outputs, batch))
+        gate = getattr(pl_module.head, "last_gate", None)
+        if gate is not None:
+            self.gates.append(gate.float().cpu())
+
+    def gate(self, encoders: list[str]) -> str:
+        """Mean gate weight of each encoder over the test rows (`"enc:w enc:w"`; empty without a gate)."""
+        import torch
+
+        if not self.gates:
+            return ""
+        mean = torch.cat(self.gates).mean(0)
+        return " ".join(f"{k}:{float(w):.4f}" for k, w in zip(encoders, mean))
 
     def arrays(self, split: str) -> list:
         """`[index, pred, gold]` tensors of the split's last epoch."""

@@ -1,5 +1,5 @@
-"""The table from per-seed results: aggregation, significance against the reference row,
-complementarity of encoder pairs, and the CSV form."""
+"""The table from per-seed results: aggregation of the cost columns and gate weights, complementarity of
+encoder pairs, and the CSV form (significance: `evidence`, from the packed predictions)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
-from layerfusion.errors import ConfigError
-from layerfusion.reproduce.grid import GROUP, NOT_IN_CSV
+from layerfusion.reproduce.grid import NOT_IN_CSV
 
 
 def aggregate(
@@ -20,10 +19,11 @@ def aggregate(
     extract_s: float = math.nan,
     extract_peak_mb: float = math.nan,
 ) -> dict:
-    """One table row from the per-seed results of one (method, encoders)."""
+    """One table row from the per-seed results of one (training rows, method, encoders)."""
     acc = [r["test_acc"] for r in results]
     return {
         "dataset": name,
+        "train_rows": results[0].get("train_rows", ""),
         "method": method,
         "group": group,
         "encoders": results[0]["encoders"],
@@ -35,54 +35,20 @@ def aggregate(
         "seeds": len(results),
         "extract_s": extract_s,
         "extract_peak_mb": extract_peak_mb,
+        "gate": mean_gate([r.get("gate", "") for r in results]),
         "train_s": statistics.fmean(r["train_s"] for r in results),
         "train_peak_mb": _max(r.get("train_peak_mb") for r in results),
     }
 
 
-def table_from_runs(per_run: list[dict]) -> list[dict]:
-    """The table's accuracy columns recomputed from per-seed rows (e.g. a `paper_runs.csv`)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in per_run:
-        groups.setdefault((r["dataset"], r["method"], r["encoders"]), []).append(r)
-    return [aggregate(d, m, GROUP.get(m, "main"), rs) for (d, m, _), rs in groups.items()]
-
-
-def best_single(rows: list[dict]) -> dict | None:
-    """The single-encoder row with the highest mean dev accuracy (never chosen on test)."""
-    single = [r for r in rows if "+" not in r["encoders"]]
-    return max(single, key=lambda r: r["val_acc_mean"], default=None)
-
-
-def significance(table: list[dict], per_run: list[dict]) -> None:
-    """Add `vs`, `diff`, `diff_lo/hi`, `mcnemar_p_max` and `verdict` to each row of one dataset's table."""
-    from layerfusion import analysis
-
-    base = best_single(table)
-    if base is None:
-        return
-    correct = {(r["method"], r["encoders"]): _correct(r, per_run) for r in table}
-    ref_seeds, ref = correct[base["method"], base["encoders"]]
-    for r in table:
-        seeds, mine = correct[r["method"], r["encoders"]]
-        common = [s for s in seeds if s in ref_seeds]
-        a = [mine[seeds.index(s)] for s in common]
-        b = [ref[ref_seeds.index(s)] for s in common]
-        diff, lo, hi = analysis.paired_bootstrap(a, b)
-        r.update(
-            vs=f"{base['method']} {base['encoders']}",
-            diff=diff,
-            diff_lo=lo,
-            diff_hi=hi,
-            mcnemar_p_max=max(analysis.mcnemar_exact(x, y) for x, y in zip(a, b)),
-            verdict="reference"
-            if r is base
-            else "better"
-            if lo > 0
-            else "worse"
-            if hi < 0
-            else "n.s.",
-        )
+def mean_gate(gates: list[str]) -> str:
+    """The mean over seeds of per-run gate weights (`"enc:w enc:w"`; empty when the runs have none)."""
+    parsed = [
+        dict((k, float(w)) for k, w in (x.rsplit(":", 1) for x in g.split())) for g in gates if g
+    ]
+    if not parsed:
+        return ""
+    return " ".join(f"{k}:{statistics.fmean(p[k] for p in parsed):.4f}" for k in parsed[0])
 
 
 def complementarity(table: list[dict], per_run: list[dict]) -> list[dict]:
@@ -93,8 +59,12 @@ def complementarity(table: list[dict], per_run: list[dict]) -> list[dict]:
 
     best = {}
     for r in table:
-        if "+" not in r["encoders"] and (
-            r["encoders"] not in best or r["val_acc_mean"] > best[r["encoders"]]["val_acc_mean"]
+        if (
+            "+" not in r["encoders"]
+            and r["group"] != "bound"
+            and (
+                r["encoders"] not in best or r["val_acc_mean"] > best[r["encoders"]]["val_acc_mean"]
+            )
         ):
             best[r["encoders"]] = r
     out = []
@@ -128,30 +98,13 @@ def _runs_of(row: dict, per_run: list[dict]) -> list[dict]:
     return [
         x
         for x in per_run
-        if (x["dataset"], x["method"], x["encoders"])
-        == (row["dataset"], row["method"], row["encoders"])
+        if (x["dataset"], x.get("train_rows", ""), x["method"], x["encoders"])
+        == (row["dataset"], row["train_rows"], row["method"], row["encoders"])
     ]
 
 
 def _run_dir(row: dict, seed: int, per_run: list[dict]) -> Path:
     return Path(next(x["run_dir"] for x in _runs_of(row, per_run) if x["seed"] == seed))
-
-
-def _correct(row: dict, per_run: list[dict]):
-    """(seeds, per-seed 0/1 test correctness arrays) of one table row, from its prediction files."""
-    from layerfusion import analysis
-
-    seeds, arrays, index = [], [], None
-    for x in _runs_of(row, per_run):
-        p = analysis.read_predictions(Path(x["run_dir"]) / "predictions_test.csv")
-        if index is not None and not (index == p["index"]).all():
-            raise ConfigError(
-                f"{x['run_dir']}: test predictions cover other rows than seed {seeds[0]}"
-            )
-        index = p["index"]
-        seeds.append(x["seed"])
-        arrays.append(p["pred"] == p["gold"])
-    return seeds, arrays
 
 
 def csv_rows(rows: list[dict], columns: list[str] | None = None) -> list[dict]:
@@ -166,8 +119,8 @@ def read_runs(path: Path) -> list[dict]:
     """The rows of a `paper_runs.csv`, numbers parsed; unknown columns (e.g. the per-run `extract_s` of
     older versions) are kept as they are."""
     ints, texts = (
-        {"seed", "epochs", "torch_threads", "lbfgs_iterations"},
-        {"dataset", "method", "encoders", "layers", "device", "settings", "run_dir"},
+        {"seed", "epochs", "torch_threads", "lbfgs_iterations", "train_rows"},
+        {"dataset", "method", "encoders", "layers", "device", "settings", "run_dir", "gate"},
     )
     rows = []
     with open(path, newline="") as fh:
@@ -179,31 +132,6 @@ def read_runs(path: Path) -> list[dict]:
                 }
             )
     return rows
-
-
-def gains(table: list[dict]) -> dict[str, dict]:
-    """Per dataset: gated vs the better encoder's last layer and vs the best single-encoder row, both
-    chosen by dev accuracy."""
-    out = {}
-    for name in dict.fromkeys(r["dataset"] for r in table):
-        rows = [r for r in table if r["dataset"] == name]
-        gated = next((r for r in rows if r["method"] == "gated"), None)
-        last = [r for r in rows if r["method"] == "last_layer"]
-        single = best_single(rows)
-        if gated is None or not last:
-            continue
-        best_last = max(last, key=lambda r: r["val_acc_mean"])
-        out[name] = {
-            "gated": gated["test_acc_mean"],
-            "best_last": best_last["test_acc_mean"],
-            "best_last_row": f"last_layer {best_last['encoders']}",
-            "gain_over_last": gated["test_acc_mean"] - best_last["test_acc_mean"],
-            "best_single": single["test_acc_mean"],
-            "best_single_row": f"{single['method']} {single['encoders']}",
-            "gain_over_single": gated["test_acc_mean"] - single["test_acc_mean"],
-            "verdict": gated.get("verdict"),
-        }
-    return out
 
 
 def _max(values) -> float:
