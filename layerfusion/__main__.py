@@ -167,8 +167,8 @@ def models_main(args: list[str]) -> int:
     import logging
 
     from layerfusion.encoders.offline import main as offline_main
+    from layerfusion.encoders.pypi import logger as quiet  # no second line per model
 
-    quiet = logging.getLogger("layerfusion.encoders.offline")  # no second line per model
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:

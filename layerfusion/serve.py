@@ -453,7 +453,11 @@ class _Server(ls.LitServer):
         owner = os.getpid()
 
         def on_sigterm(signum, frame):
-            if os.getpid() != owner:  # a forked child that kept this handler: die as SIGTERM asks
+            # a forked child that kept this handler (LitServe's queue process): when the whole group
+            # gets SIGTERM (systemd), the server still needs it and stops it; an orphan dies
+            if os.getpid() != owner:
+                if os.getppid() == owner:
+                    return
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             elif self._shutdown_event is None:  # before LitServe has started anything
@@ -485,7 +489,9 @@ class _Server(ls.LitServer):
                     and thread is not threading.current_thread()
                 ):
                     thread.join(timeout=self.monitor_internal + 5)
-            super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+            # an HTTP server that already stopped (the whole group got SIGTERM) is not a warning
+            alive = {i: w for i, w in uvicorn_workers.items() if w.is_alive()}
+            super()._perform_graceful_shutdown(manager, alive, shutdown_reason)
 
 
 class _BatchedLoop(BatchedLoop):

@@ -97,7 +97,10 @@ def test_head_trained_on_fp32_features_predicts_the_same_with_a_bf16_encoder(tmp
     assert (fp32 - bf16.float()).abs().max() < 0.1
     shielded, seen = run_online("float32", "bf16-mixed")
     assert seen == {torch.float32}  # the trainer's autocast does not reach a float32 encoder
-    assert (shielded.argmax(-1) == fp32.argmax(-1)).all()
+    # the head itself runs under the trainer's bf16 autocast: its probabilities move by bf16 rounding
+    # only (measured 1e-3; a row on the decision boundary may flip its argmax)
+    shift = (shielded.float() - fp32).abs().max().item()
+    assert shift < 0.01, shift
 
 
 def test_encoder_in_bf16_halves_its_memory_and_keeps_predictions(tmp_path, shared_data):

@@ -41,7 +41,7 @@ def commands(code: str) -> list[list[str]]:
 
 def test_readme_is_a_users_guide():
     text = README.read_text()
-    assert len(text.splitlines()) <= 340
+    assert len(text.splitlines()) <= 370  # a guide, not the reference: details live in docs/
     assert "make test" in text  # CI runs it
     assert "../" not in text and "/work/" not in text  # no paths outside the repository
     for cmd in (c for lang, code, _ in blocks(text) if lang == "bash" for c in commands(code)):
