@@ -210,6 +210,21 @@ def sst2_slice(tmp_path, shared_data) -> Path:
     return out
 
 
+def run_script(source: str, *args: str, tmp_path: Path, timeout: float = 300) -> None:
+    """Write `source` to a script in `tmp_path` and run it offline in a fresh Python process (one that
+    launches its own ranks, as a user's script does); fail with its stderr tail unless it exits 0."""
+    script = tmp_path / "probe.py"
+    script.write_text(source)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def gloo_ranks(script: Path, *args: str, world: int = 2, timeout: float = 300) -> list[str]:
     """Run `script` (which joins a Gloo group from the environment) as `world` real processes; each
     rank's stdout, after every rank exited 0 (else their stderr tails)."""

@@ -12,7 +12,7 @@ import conftest
 import pytest
 import torch
 import yaml
-from conftest import MINILM, REPO
+from conftest import MINILM, REPO, run_script
 from ddp_probe import collectives_nccl_accepts
 
 pytestmark = pytest.mark.slow
@@ -208,18 +208,7 @@ if __name__ == "__main__":
 def test_one_row_and_empty_splits_on_two_spawned_ranks_do_not_hang(tmp_path, tiny_models):
     """A 1-row split on 2 ddp_spawn ranks (Gloo): rank 1 has no chunk, both get the row; an empty split:
     the same clear error on both ranks. Neither hangs (the subprocess has a timeout)."""
-    import sys
-
-    script = tmp_path / "spawn_probe.py"
-    script.write_text(SPAWN_PROBE)
-    proc = subprocess.run(
-        [sys.executable, str(script), tiny_models["bert"], str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(SPAWN_PROBE, tiny_models["bert"], str(tmp_path), tmp_path=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["shape"] == ranks[1]["shape"] == [1, 3, 32]
     assert ranks[0]["row"] == ranks[1]["row"]

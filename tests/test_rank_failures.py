@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -53,16 +52,7 @@ def test_an_entry_rank_1_cannot_open_stops_both_ranks_with_its_message(tmp_path,
     """Opening a cache entry fails on rank 1 only, after the build and on a later hit: both ranks
     raise, naming rank 1 and its error, instead of rank 0 training on into a collective that rank 1
     never joins (a 30-minute NCCL timeout)."""
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
-    proc = subprocess.run(
-        [sys.executable, str(script), tiny_models["bert"], str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(PROBE, tiny_models["bert"], str(tmp_path), tmp_path=tmp_path, timeout=240)
     for r in range(2):
         result = json.loads((tmp_path / f"rank{r}.json").read_text())
         for attempt in ("after build", "on a hit"):
