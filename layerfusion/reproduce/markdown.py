@@ -54,12 +54,10 @@ def markdown(table: list[dict], packed: dict, pairs: list[dict], args, wall: flo
         "",
     ]
     families = list(dict.fromkeys((r["dataset"], r["train_rows"]) for r in table))
-    lines += [
-        "## Primary comparison: gated (both encoders) vs the reference",
-        "",
-        "| dataset | train rows | gated | reference | ref | diff [CI] | p | p (Holm) | verdict | tie on dev |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += _table(
+        "Primary comparison: gated (both encoders) vs the reference",
+        "dataset | train rows | gated | reference | ref | diff [CI] | p | p (Holm) | verdict | tie on dev",
+    )
     for d, n in families:
         fam = [r for r in table if (r["dataset"], r["train_rows"]) == (d, n)]
         gated = next((r for r in fam if r.get("primary")), None)
@@ -74,12 +72,11 @@ def markdown(table: list[dict], packed: dict, pairs: list[dict], args, wall: flo
     lines.append("")
     for d, n in families:
         fam = [r for r in table if (r["dataset"], r["train_rows"]) == (d, n)]
-        lines += [
-            f"## {d}" + ("" if not n else f", {n} training rows"),
-            "",
-            "| method | encoders | layers | test acc | macro-F1 | dev acc | seeds | vs reference: diff [CI] | p | p (Holm) | verdict | gate | train_s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines += _table(
+            f"{d}" + ("" if not n else f", {n} training rows"),
+            "method | encoders | layers | test acc | macro-F1 | dev acc | seeds | vs reference: diff [CI] | "
+            "p | p (Holm) | verdict | gate | train_s",
+        )
         for r in fam:
             method = r["method"] + (f" *({r['group']})*" if r["group"] not in ("main",) else "")
             if r.get("primary"):
@@ -101,13 +98,11 @@ def markdown(table: list[dict], packed: dict, pairs: list[dict], args, wall: flo
         lines.append("")
     lines += _factorial(table, families) + _stacking(table, packed)
     if pairs:
-        lines += [
-            "## Complementarity of the encoders (each encoder's best single-encoder row by dev; "
+        lines += _table(
+            "Complementarity of the encoders (each encoder's best single-encoder row by dev; "
             "mean over seeds, % of rows)",
-            "",
-            "| dataset | split | A | B | both right | only A | only B | both wrong | oracle | kappa |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
+            "dataset | split | A | B | both right | only A | only B | both wrong | oracle | kappa",
+        )
         keys = dict.fromkeys(
             (p["dataset"], p["split"], p["encoder_a"], p["encoder_b"]) for p in pairs
         )
@@ -131,6 +126,18 @@ def markdown(table: list[dict], packed: dict, pairs: list[dict], args, wall: flo
     return "\n".join(lines)
 
 
+def _table(title: str, columns: str, note: str = "") -> list[str]:
+    """A section's heading, optional note and table header (`columns`: names joined by " | ")."""
+    note_lines = [note, ""] if note else []
+    return [
+        f"## {title}",
+        "",
+        *note_lines,
+        f"| {columns} |",
+        "|---" * (columns.count(" | ") + 1) + "|",
+    ]
+
+
 def _acc(r: dict, std: bool = False) -> str:
     tail = f" ± {100 * r['test_acc_std']:.2f}" if std and r.get("test_acc_std") is not None else ""
     return f"{100 * r['test_acc_mean']:.2f}{tail}"
@@ -150,15 +157,13 @@ def _tie(ref: dict) -> str:
 
 def _factorial(table: list[dict], families: list) -> list[str]:
     """One head (gated) on {the better encoder by dev, both} x {last, best dev layer, top-k}."""
-    lines = [
-        "## Factorial: one head (gated), layers x encoders",
-        "",
+    lines = _table(
+        "Factorial: one head (gated), layers x encoders",
+        "dataset | train rows | encoder | one: last | one: best | one: top-k | both: last | both: best | "
+        "both: top-k | fusion effect (top-k) | layers effect (both)",
         "Test accuracy; the single-encoder cells use the encoder whose `selected` row has the higher "
         "mean dev accuracy. layers effect: top-k minus last layer; fusion effect: both minus one.",
-        "",
-        "| dataset | train rows | encoder | one: last | one: best | one: top-k | both: last | both: best | both: top-k | fusion effect (top-k) | layers effect (both) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    )
     for d, n in families:
         fam = {
             (r["method"], r["encoders"]): r
@@ -191,15 +196,12 @@ def _pts(a, b) -> str:
 
 def _stacking(table: list[dict], packed: dict) -> list[str]:
     """Stacking against the oracle of the two encoders' linear probes (either right) on test."""
-    lines = [
-        "## Stacking bound (full data)",
-        "",
+    lines = _table(
+        "Stacking bound (full data)",
+        "dataset | reference | stacking | oracle of the probes | headroom reached",
         "oracle: a row counts as right when either encoder's linear_probe is right; headroom reached: "
         "(stacking - reference) / (oracle - reference).",
-        "",
-        "| dataset | reference | stacking | oracle of the probes | headroom reached |",
-        "|---|---|---|---|---|",
-    ]
+    )
     for d, p in packed.items():
         fam = [r for r in table if r["dataset"] == d and not r["train_rows"]]
         stack = next((r for r in fam if r["method"] == "stacking"), None)
