@@ -27,6 +27,8 @@ VARIANTS = {
     "bfloat16": ("bfloat16", {}),
     "bfloat16_onednn_cache_0": ("bfloat16", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}),
     "float32": ("float32", {}),
+    "bfloat16_shape_buckets": ("bfloat16", {}),
+    "float32_shape_buckets": ("float32", {}),
 }
 
 
@@ -37,14 +39,18 @@ def main() -> None:
     parser.add_argument(
         "--variant", help=argparse.SUPPRESS
     )  # internal: one variant, in this process
+    parser.add_argument("--only", help="comma-separated variants (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "serve_memory.json"))
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run(VARIANTS[args.variant][0], args.batches)))
+        dtype = VARIANTS[args.variant][0]
+        print(json.dumps(run(dtype, args.batches, args.variant.endswith("_shape_buckets"))))
         return
     results = {"machine": machine_info(), "batches": args.batches, "variants": {}}
     results["machine"]["load_average_at_start"] = os.getloadavg()
-    for name, (_, env) in VARIANTS.items():
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    for name in names:
+        env = VARIANTS[name][1]
         cmd = [sys.executable, __file__, "--variant", name, "--batches", str(args.batches)]
         out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
         if out.returncode:
@@ -55,30 +61,35 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def run(compute_dtype: str, batches: int) -> dict:
-    """RSS (MiB) after loading, then every 50 passes over the shapes, twice."""
+def run(compute_dtype: str, batches: int, buckets: bool) -> dict:
+    """RSS (MiB) after loading (and with `buckets`, after `ShapeBuckets.warm_up`), then every 50 passes
+    over the shapes, twice."""
     import torch
 
     from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
     from layerfusion.encoders.offline import no_loading_bars, resolve_model
+    from layerfusion.serve_shapes import ShapeBuckets
 
     torch.set_num_threads(1)
     with no_loading_bars():
         encoder = FrozenEncoder(EncoderSpec(resolve_model(MINILM), compute_dtype=compute_dtype))
     rss = {"loaded": _rss_mib()}
     start = time.perf_counter()
+    if buckets:
+        ShapeBuckets(encoder, max_rows=16).warm_up(depth=6, device="cpu")
+        rss["warmed_up"] = _rss_mib()
     for rep in ("first", "second"):
         rng, series = random.Random(0), []
         for i in range(batches):
             n, length = rng.randint(1, 16), rng.randint(5, 60)
             ids = torch.randint(1000, 2000, (n, length))
-            encoder.forward(ids, torch.ones(n, length, dtype=torch.long), depth=6)
+            encoder(ids, torch.ones(n, length, dtype=torch.long), depth=6)
             if i % 50 == 49:
                 series.append(_rss_mib())
         rss[f"{rep}_pass"] = series
     return {
         "rss_mib": rss,
-        "growth_first_pass_mib": rss["first_pass"][-1] - rss["loaded"],
+        "growth_first_pass_mib": rss["first_pass"][-1] - rss.get("warmed_up", rss["loaded"]),
         "growth_second_pass_mib": rss["second_pass"][-1] - rss["first_pass"][-1],
         "seconds": round(time.perf_counter() - start, 1),
         "precision": encoder.compute_precision("cpu"),

@@ -36,6 +36,7 @@ from litserve.utils import (
 )
 
 from layerfusion.errors import ConfigError, LayerFusionError
+from layerfusion.serve_shapes import ShapeBuckets, length_buckets, row_buckets
 
 MAX_TEXTS, MAX_BODY_BYTES = 256, 1 << 20
 
@@ -75,7 +76,8 @@ class ClassifierAPI(ls.LitAPI):
         self.trust_remote_code = trust_remote_code
 
     def setup(self, device: str) -> None:
-        """Load the classifier once for this worker, on `device`."""
+        """Load the classifier once for this worker, on `device`, and run each padded input shape once
+        (`ShapeBuckets`), so that the memory a new shape takes is taken before the server is ready."""
         import torch
         from tqdm import tqdm
 
@@ -92,6 +94,10 @@ class ClassifierAPI(ls.LitAPI):
             trust_remote_code=self.trust_remote_code,
             progress_bar=False,
         )
+        clf = self.classifier
+        for key, encoder in clf.encoders.items():
+            buckets = ShapeBuckets(encoder, self.max_batch_size)
+            buckets.warm_up(max(clf.layers[key]), clf.device, clf.token_budget)
 
     def decode_request(self, request) -> tuple[list[str], int | None, bool]:
         """(texts, top_k, whether the request gave one `text`) from a body `RequestGuard` has checked."""
@@ -253,6 +259,7 @@ def serve(
     )
     info["serving"] = {
         "max_batch_size": max_batch_size,
+        "padded_rows": row_buckets(max_batch_size),
         "batch_timeout": batch_timeout,
         "threads_per_worker": threads,
         "max_texts": max_texts,
@@ -314,6 +321,7 @@ def describe(
         )
         row["layers"] = clf.layers[key]
         row["compute_dtype"] = encoder.compute_precision(device_type)
+        row["padded_lengths"] = length_buckets(encoder.max_length)
         encoders.append(row)
     info = {
         "label_names": list(clf.label_names),

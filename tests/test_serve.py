@@ -22,6 +22,7 @@ from conftest import tiny_pair_specs
 from test_threads import build_classifier
 
 from layerfusion.classifier import Classifier
+from layerfusion.serve_shapes import ShapeBuckets, bucket, length_buckets, row_buckets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,6 +114,39 @@ def test_predictions_equal_the_classifier(server, expected, classifier_dir):
             assert e[field] == saved["encoder_ids"][e["key"]][field]
         assert e["layers"] == saved["layers"][e["key"]] and e["compute_dtype"] == "float32"
     assert model["layerfusion"] and model["serving"]["max_batch_size"] == 8
+    assert model["serving"]["padded_rows"] == [1, 2, 4, 8]
+    assert [e["padded_lengths"] for e in model["encoders"]] == [[8, 16, 24, 32]] * 2
+
+
+def test_shape_buckets_bound_the_shapes_and_keep_the_probabilities(classifier_dir, expected):
+    """With `ShapeBuckets` on its encoders, a classifier's models see only the shapes the warm-up ran
+    (any batch, any text length), and its probabilities stay those of the unpadded classifier."""
+    clf = Classifier.load(classifier_dir, device="cpu", batch_size=4)
+    seen: set[tuple[int, int]] = set()
+    for encoder in clf.encoders.values():
+        encoder.model.register_forward_pre_hook(
+            lambda m, a, kw: seen.add(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
+    buckets = [ShapeBuckets(encoder, max_rows=4) for encoder in clf.encoders.values()]
+    assert buckets[0].rows == [1, 2, 4] and buckets[0].lengths == [8, 16, 24, 32]
+    assert [b.warm_up(2, "cpu") for b in buckets] == [12, 12]
+    warmed, seen = set(seen), set()
+    texts = TEXTS + [" ".join(["word"] * n) for n in (1, 7, 9, 17, 30, 40)]
+    probs = clf.predict_proba(texts)
+    assert seen and seen <= warmed
+    assert len({length for _, length in seen}) > 1  # batches of 4, 4 and 3 (padded to 4) texts
+    assert probs[: len(TEXTS)] == pytest.approx(np.stack([expected[t] for t in TEXTS]), abs=1e-5)
+    for b in buckets:
+        b.remove()
+    assert np.allclose(clf.predict_proba(texts), probs, atol=1e-5)
+
+
+def test_bucket_sizes():
+    assert length_buckets(512) == [8, 16, 24, 32, 40, 48, 56, 64, 96, 144, 216, 320, 480, 512]
+    assert length_buckets(20) == [8, 16, 20] and length_buckets(5) == [5]
+    assert row_buckets(16) == [1, 2, 4, 8, 16] and row_buckets(12) == [1, 2, 4, 8, 12]
+    assert row_buckets(1) == [1]
+    assert bucket(9, [8, 16]) == 16 and bucket(8, [8, 16]) == 8 and bucket(17, [8, 16]) == 17
 
 
 def test_concurrent_clients_each_get_their_own_rows(server, expected):
