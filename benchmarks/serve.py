@@ -49,7 +49,7 @@ from layerfusion.classifier import FORMAT, VERSION, Classifier
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars, resolve_model
 from layerfusion.fusion.heads import build_head
-from layerfusion.serve import _BatchedLoop, _Server, default_threads
+from layerfusion.serve import BlockingBatchedLoop, ClassifierServer, default_threads
 
 
 class HelloAPI(ls.LitAPI):
@@ -238,8 +238,8 @@ def measure(port, clf, texts, labels, n, rounds, threads) -> dict:
 
 def hello_server(port: int, batch_timeout: float) -> None:
     """The floor: LitServe with `layerfusion serve`'s loop and server class, and a model doing nothing."""
-    api = HelloAPI(max_batch_size=16, batch_timeout=batch_timeout, loop=_BatchedLoop())
-    server = _Server(api, accelerator="cpu", timeout=30)
+    api = HelloAPI(max_batch_size=16, batch_timeout=batch_timeout, loop=BlockingBatchedLoop())
+    server = ClassifierServer(api, accelerator="cpu", timeout=30)
     server.run(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False)
 
 

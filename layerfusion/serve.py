@@ -4,45 +4,30 @@
 `layerfusion classify` prints; `GET /health` says whether the workers are ready; `GET /info` describes the
 model. Each inference worker is a process (LitServe spawns one per device and `--workers`) that loads the
 classifier once and runs its predict loop in one thread; requests that arrive while a batch is gathered
-are classified together.
+are classified together. Alongside: the request check (`serve_requests`), LitServe's server and batched
+loop as run here (`serve_litserve`), the padded input shapes of the encoders (`serve_shapes`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
-import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import litserve as ls
 import numpy as np
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
-from litserve.loops.simple_loops import BatchedLoop
-from litserve.utils import (
-    LitAPIStatus,
-    LoopResponseType,
-    PickleableHTTPException,
-    WorkerSetupStatus,
-)
 
-from layerfusion.errors import ConfigError, LayerFusionError
+from layerfusion.errors import ConfigError
+from layerfusion.serve_litserve import BlockingBatchedLoop, ClassifierServer
+from layerfusion.serve_requests import MAX_BODY_BYTES, MAX_TEXTS, RequestGuard
 from layerfusion.serve_shapes import ShapeBuckets, length_buckets, row_buckets
-
-MAX_TEXTS, MAX_BODY_BYTES = 256, 1 << 20
-
-
-class ServeError(LayerFusionError):
-    """The server could not start serving: the message says what failed."""
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -70,7 +55,7 @@ class ClassifierAPI(ls.LitAPI):
         super().__init__(
             max_batch_size=max_batch_size,
             batch_timeout=batch_timeout,
-            loop=_BatchedLoop() if max_batch_size > 1 else "auto",
+            loop=BlockingBatchedLoop() if max_batch_size > 1 else "auto",
         )
         self.model, self.compute_dtype, self.threads = str(model), compute_dtype, threads
         self.trust_remote_code = trust_remote_code
@@ -132,99 +117,6 @@ class ClassifierAPI(ls.LitAPI):
         return {"text": text, "label": names[int(p.argmax())], "probs": probs}
 
 
-class RequestGuard:
-    """ASGI middleware in front of `POST /predict`: a request that is not a valid body gets a 4xx JSON
-    `{"detail": ...}` naming what is wrong, and never reaches the inference workers.
-
-    Args:
-        app: the ASGI app it wraps.
-        max_texts: most texts one request may carry.
-        max_body_bytes: largest request body accepted (413 beyond it).
-    """
-
-    def __init__(
-        self, app, max_texts: int = MAX_TEXTS, max_body_bytes: int = MAX_BODY_BYTES
-    ) -> None:
-        self.app, self.max_texts, self.max_body_bytes = app, max_texts, max_body_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        body, status, problem = await self._read(scope, receive)
-        if problem is None:
-            status, problem = self._check(body)
-        if problem is not None:
-            await _send_json(send, status, {"detail": problem})
-            return
-        # the body is JSON: say so (curl -d sends form-urlencoded), and hand it on unchanged
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _read(self, scope, receive) -> tuple[bytes, int, str | None]:
-        """The whole body, or the reason it is refused: too large (413) or the client left (400)."""
-        limit = self.max_body_bytes
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return b"", 413, f"request body of {int(length)} bytes is over the {limit}-byte limit"
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"", 400, "the client disconnected before sending the whole body"
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return b"", 413, f"request body is over the {limit}-byte limit"
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), 200, None
-
-    def _check(self, body: bytes) -> tuple[int, str | None]:
-        """(status, problem) of a request body: 400 when it is not JSON, 422 when the JSON is not a request."""
-        if not body.strip():
-            return 400, 'no request body: send JSON {"text": "..."} or {"texts": ["...", ...]}'
-        try:
-            request = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return 400, f"request body is not valid JSON ({err})"
-        if not isinstance(request, dict):
-            return 422, f"request body is a JSON {_json_type(request)}, not an object"
-        unknown = sorted(set(request) - {"text", "texts", "top_k"})
-        if unknown:
-            return 422, f"unknown field(s) {unknown}: a request has 'text' or 'texts', and 'top_k'"
-        if ("text" in request) == ("texts" in request):
-            both = "both" if "text" in request else "neither"
-            return 422, f"request has {both} 'text' and 'texts': give exactly one"
-        top_k = request.get("top_k")
-        if top_k is not None and (type(top_k) is not int or top_k < 1):
-            return 422, f"'top_k' must be a positive integer, got {json.dumps(top_k)}"
-        if "text" in request:
-            return _check_text(request["text"], "'text'")
-        texts = request["texts"]
-        if not isinstance(texts, list):
-            return 422, f"'texts' must be a list of strings, got a JSON {_json_type(texts)}"
-        if not texts:
-            return 422, "'texts' is empty: give at least one text"
-        if len(texts) > self.max_texts:
-            return 422, f"'texts' has {len(texts)} texts; at most {self.max_texts} per request"
-        for i, text in enumerate(texts):
-            status, problem = _check_text(text, f"'texts'[{i}]")
-            if problem:
-                return status, problem
-        return 200, None
-
-
 def serve(
     model: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -266,7 +158,7 @@ def serve(
         "max_body_bytes": max_body_bytes,
         "workers": "processes, each with the classifier loaded once and one predict thread",
     }
-    server = _Server(
+    server = ClassifierServer(
         api,
         accelerator=accelerator,
         devices=devices,
@@ -434,126 +326,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 
-class _Server(ls.LitServer):
-    """LitServer that prints one line once a worker is ready (LitServe's own logs stay at warning level),
-    stops on SIGTERM like on `/shutdown`, and shuts down once, its worker monitor stopped first."""
-
-    ready_line = ""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._stop_lock, self._stopped = threading.Lock(), False
-
-    def verify_worker_status(self) -> None:
-        # LitServe 0.2.19 waits forever for a worker that died while loading (killed for memory, say)
-        while not any(v == WorkerSetupStatus.READY for v in self.workers_setup_status.values()):
-            failed = any(v == WorkerSetupStatus.ERROR for v in self.workers_setup_status.values())
-            dead = [w.exitcode for w in self.inference_workers if w.exitcode is not None]
-            if failed or dead:
-                self._perform_graceful_shutdown(self.transport_config.manager, {}, "failed start")
-                how = f"exited with code {dead[0]}" if dead else "failed"
-                hint = " (-9: killed, often for lack of memory)" if -9 in dead else ""
-                raise ServeError(f"an inference worker {how} while loading the model{hint}")
-            time.sleep(0.05)
-        print(self.ready_line, file=sys.stderr, flush=True)
-
-    def run(self, *args: Any, **kwargs: Any) -> None:
-        owner = os.getpid()
-
-        def on_sigterm(signum, frame):
-            # a forked child that kept this handler (LitServe's queue process): when the whole group
-            # gets SIGTERM (systemd), the server still needs it and stops it; an orphan dies
-            if os.getpid() != owner:
-                if os.getppid() == owner:
-                    return
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            elif self._shutdown_event is None:  # before LitServe has started anything
-                raise KeyboardInterrupt
-            else:  # what /shutdown does; from a thread of its own (the main one may be waiting on it)
-                threading.Thread(target=self._shutdown_event.set, daemon=True).start()
-
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-        try:
-            super().run(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def _perform_graceful_shutdown(
-        self, manager, uvicorn_workers, shutdown_reason="normal"
-    ) -> None:
-        # LitServe 0.2.19 may run this twice at once (main thread, and its monitor when it sees the
-        # workers it is stopping), and its monitor then polls the manager it shut down (a traceback)
-        with self._stop_lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            setter = threading.Thread(target=self._shutdown_event.set, daemon=True)
-            setter.start()
-            setter.join(timeout=5)
-            for thread in threading.enumerate():
-                if (
-                    thread.name == "litserve-monitoring"
-                    and thread is not threading.current_thread()
-                ):
-                    thread.join(timeout=self.monitor_internal + 5)
-            # an HTTP server that already stopped (the whole group got SIGTERM) is not a warning
-            alive = {i: w for i, w in uvicorn_workers.items() if w.is_alive()}
-            super()._perform_graceful_shutdown(manager, alive, shutdown_reason)
-
-
-class _BatchedLoop(BatchedLoop):
-    """LitServe's batched loop, waiting for a batch's first request in one blocking call, then for the
-    rest until `batch_timeout` after it (with 0, only those already queued). LitServe 0.2.19's own loop
-    polls the request queue every millisecond while idle: ~13 % of a core per worker, with nothing to do.
-    A request that waited past `--timeout` is answered 504 here, with a message naming the option."""
-
-    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
-        try:
-            item = request_queue.get(timeout=1.0)
-        except Empty:
-            return [], []
-        payloads = []
-        deadline = time.monotonic() + lit_api.batch_timeout
-        while True:
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
-            response_queue_id, uid, timestamp, x_enc = item
-            self.put_response(  # LitServe drops it unless it restarts workers (off here)
-                transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
-            )
-            waited, timeout = time.monotonic() - timestamp, lit_api.request_timeout
-            if timeout not in (-1, False, None) and waited > timeout:
-                self._time_out(transport, response_queue_id, uid, waited, timeout)
-            else:
-                payloads.append((response_queue_id, uid, x_enc))
-            if len(payloads) >= lit_api.max_batch_size:
-                return payloads, []
-            remaining = deadline - time.monotonic()
-            try:
-                item = (
-                    request_queue.get(timeout=remaining)
-                    if remaining > 0
-                    else request_queue.get_nowait()
-                )
-            except Empty:
-                return payloads, []
-
-    def _time_out(self, transport, response_queue_id, uid, waited: float, timeout: float) -> None:
-        """Answer 504 to a request that waited in the queue past `--timeout`, and say so once per request
-        (LitServe's own message names its Python API, not the option)."""
-        detail = f"request timed out: it waited {waited:.1f} s for a worker, over --timeout {timeout:g} s"
-        print(
-            f"layerfusion serve: {detail}; answered 504 (raise --timeout or --workers, or send less)",
-            file=sys.stderr,
-            flush=True,
-        )
-        error = PickleableHTTPException(504, detail)
-        self.put_response(
-            transport, response_queue_id, uid, error, LitAPIStatus.ERROR, LoopResponseType.REGULAR
-        )
-
-
 def _release_freed_memory() -> None:
     """Give the heap memory freed by Python back to the system (glibc keeps it otherwise)."""
     try:
@@ -587,26 +359,6 @@ def _parse_device(device: str) -> tuple[str, str | list[int]]:
     if head == "cuda" and ids and all(i.strip().isdigit() for i in ids.split(",")):
         return "cuda", [int(i) for i in ids.split(",")]
     raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N[,M...], got {device!r}")
-
-
-def _check_text(text: Any, where: str) -> tuple[int, str | None]:
-    if not isinstance(text, str):
-        return 422, f"{where} must be a string, got a JSON {_json_type(text)}"
-    if not text.strip():
-        return 422, f"{where} is empty (or only whitespace)"
-    return 200, None
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
-
-
-async def _send_json(send, status: int, content: dict[str, Any]) -> None:
-    body = json.dumps(content).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _version() -> str:
