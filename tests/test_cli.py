@@ -71,6 +71,8 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     assert records["test"][1]["history"]["test_acc"] == [pytest.approx(test_acc, abs=1e-6)]
     fit_dir, record = records["fit"]
     assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_negative" in record["history"]
+    train_acc = record["history"]["train_acc"]  # once per epoch, like val_acc
+    assert len(train_acc) == len(record["history"]["val_acc"]) and 0.5 < train_acc[-1] <= 1.0
     assert record["config"]["config"]["model"]["head"] == "gated"  # the full resolved config
     assert "resources/train_s" in record["history"] and "resources/extract_s" in record["history"]
     assert list((fit_dir / "files" / "media" / "images" / "val").glob("confusion_matrix*.png"))
