@@ -4,6 +4,13 @@ from layerfusion.callbacks.layer_importance import LayerImportance
 from layerfusion.callbacks.layer_selection import LayerSelection
 from layerfusion.callbacks.prediction_writer import PredictionWriter
 from layerfusion.callbacks.resource_monitor import ResourceMonitor
-from layerfusion.callbacks.run_report import RunReport
+from layerfusion.callbacks.run_report import EvalPredictions, RunReport
 
-__all__ = ["LayerImportance", "LayerSelection", "PredictionWriter", "ResourceMonitor", "RunReport"]
+__all__ = [
+    "EvalPredictions",
+    "LayerImportance",
+    "LayerSelection",
+    "PredictionWriter",
+    "ResourceMonitor",
+    "RunReport",
+]

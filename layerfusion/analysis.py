@@ -1,7 +1,8 @@
 """Significance and cross-model complementarity of runs: `layerfusion analyze RUN_DIR...`.
 
-Statistics over per-row predictions (`predictions_<split>.csv`: `index,pred,gold`, written by
-`layerfusion reproduce` into every run directory) and over cached dev features:
+Statistics over per-row predictions (`predictions_<split>.csv`: `index,pred,gold`, written into the run
+directory by the RunReport / EvalPredictions callbacks of any `fit` + `test`, and by `layerfusion
+reproduce`) and over cached dev features (those named in a reproduce run's `result.json`):
 
 - **paired bootstrap**: 95 % interval of the accuracy difference of two rows, test rows resampled
   (the same resample for every seed; seed k of one row is paired with seed k of the other);
@@ -51,8 +52,8 @@ def read_predictions(path: Path) -> dict[str, np.ndarray]:
             rows = list(csv.DictReader(fh))
     except FileNotFoundError:
         raise ConfigError(
-            f"{path} does not exist: analyze reads run directories written by `layerfusion reproduce` "
-            "(predictions_val.csv / predictions_test.csv)"
+            f"{path} does not exist: analyze reads run directories with predictions_test.csv (and "
+            "predictions_val.csv): a `fit` + `test` with the RunReport callback, or `layerfusion reproduce`"
         ) from None
     out = {}
     for col in ("index", "pred", "gold"):
@@ -268,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     `layerfusion analyze --from-results results`: recompute every accuracy, interval, p-value and verdict of
     `results/paper_table.csv` from `results/predictions/*.npz` alone and report any difference (exit 1)."""
     parser = argparse.ArgumentParser(prog="layerfusion analyze", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="*", type=Path, help="run directories of `reproduce`")
+    parser.add_argument(
+        "runs",
+        nargs="*",
+        type=Path,
+        help="run directories (trainer.default_root_dir of a fit + test with RunReport, or of reproduce)",
+    )
     parser.add_argument(
         "--from-results",
         type=Path,

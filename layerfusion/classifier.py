@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import os
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,15 +12,24 @@ import torch
 from tqdm.auto import tqdm
 
 from layerfusion.checkpoint import read_checkpoint  # noqa: F401 (public here too)
+from layerfusion.classifier_folder import (  # noqa: F401 (FORMAT, VERSION and the file names: public here too)
+    CARD_FILE,
+    CONFIG_FILE,
+    FORMAT,
+    VERSION,
+    WEIGHTS_FILE,
+    check_config,
+    model_card,
+    read_fit_checkpoint,
+    read_folder,
+    write_folder,
+)
 from layerfusion.encoders.frozen import ComputeDtype, EncoderSpec, FrozenEncoder
 from layerfusion.encoders.offline import no_loading_bars
 from layerfusion.errors import CheckpointError, ConfigError, LayerFusionError
 from layerfusion.features.extraction import TOKEN_BUDGET, extract_chunk
-from layerfusion.files import fsync_dir, remove_temp_leftovers, temp_path
-from layerfusion.fusion.heads import HEADS, build_head
+from layerfusion.fusion.heads import build_head
 
-FORMAT, VERSION = "layerfusion-classifier", 1
-CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "classifier.json", "head.safetensors", "README.md"
 BLOCK_ROWS = 1024
 """Texts per block: each block is tokenised, length-sorted and batched on its own, so memory stays bounded
 (MPNet's 13 layers: 1024 x 13 x 768 x 4 B = 41 MB of features) whatever the number of texts."""
@@ -84,7 +88,7 @@ class Classifier:
         progress_bar: bool | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        _check_config(config)
+        check_config(config)
         for name, value in (("batch_size", batch_size), ("token_budget", token_budget)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 (or None), got {value}")
@@ -132,78 +136,12 @@ class Classifier:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> Classifier:
         """The classifier saved in a `fit` checkpoint (`.ckpt`); keyword arguments as in `Classifier`."""
-        ckpt = read_checkpoint(path)
-        hparams, meta = ckpt.get("hyper_parameters") or {}, ckpt["layerfusion"]
-        if "encoders" not in hparams:
-            raise CheckpointError(
-                f"checkpoint {path}: no encoder settings (hyper_parameters.encoders) to rebuild it from"
-            )
-        # the head's own hyperparameters: build_head's keyword arguments beyond its structure
-        structure = {"kind", "dims", "num_layers", "layers", "num_classes"}
-        head_args = {
-            k: hparams[k]
-            for k in inspect.signature(build_head).parameters
-            if k not in structure and k in hparams
-        }
-        config = {
-            "format": FORMAT,
-            "version": VERSION,
-            "label_names": list(meta["label_names"]),
-            "head": meta["head"],
-            "head_args": head_args,
-            "layers": {k: list(v) for k, v in meta["selection"].items()},
-            "encoders": [dict(e) for e in hparams["encoders"]],
-            "encoder_ids": dict(meta["encoders"]),
-            "trained": _training_summary(ckpt, path),
-        }
-        state = {k.removeprefix("head."): v for k, v in ckpt["state_dict"].items()}
-        return cls(config, state, **kwargs)
+        return cls(*read_fit_checkpoint(path), **kwargs)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, **kwargs: Any) -> Classifier:
         """The classifier in a folder written by `save` (JSON and safetensors only, no pickle)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        folder = Path(directory)
-        config_path = folder / CONFIG_FILE
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder} is not a directory written by Classifier.save")
-        if not config_path.is_file():
-            hint = (
-                " (save writes it last: a save into this folder did not finish; save it again)"
-                if (folder / WEIGHTS_FILE).is_file()
-                else ""
-            )
-            raise CheckpointError(
-                f"{folder} has no {CONFIG_FILE}: it is not a folder written by Classifier.save{hint}"
-            )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise CheckpointError(
-                f"{config_path}: not a layerfusion classifier (format != {FORMAT!r})"
-            )
-        if config.get("version") != VERSION:
-            raise CheckpointError(
-                f"{config_path}: format version {config.get('version')!r}; this layerfusion reads {VERSION}"
-            )
-        try:
-            state = load_file(folder / WEIGHTS_FILE)
-        except (FileNotFoundError, SafetensorError) as err:
-            raise CheckpointError(
-                f"{folder / WEIGHTS_FILE}: cannot read the head weights ({err})"
-            ) from None
-        expected = config.get("head_sha256")  # absent in folders saved before it was recorded
-        if expected is not None and _sha256(folder / WEIGHTS_FILE) != expected:
-            raise CheckpointError(
-                f"{folder / WEIGHTS_FILE} is not the head {CONFIG_FILE} was saved with (SHA-256 "
-                f"{_sha256(folder / WEIGHTS_FILE)[:12]}..., recorded {expected[:12]}...): the file was "
-                "replaced after the save; save the classifier again"
-            )
-        return cls(config, state, **kwargs)
+        return cls(*read_folder(directory), **kwargs)
 
     def save(self, directory: str | os.PathLike, overwrite_readme: bool = False) -> Path:
         """Write the head (safetensors), its settings (classifier.json) and a model card (README.md) to a folder.
@@ -214,49 +152,8 @@ class Classifier:
         never leaves a loadable folder that pairs a new head with an old config. An existing
         README.md is replaced only when a previous `save` wrote it unchanged, or `overwrite_readme`.
         """
-        from safetensors.torch import save_file
-
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        card_path, config_path = folder / CARD_FILE, folder / CONFIG_FILE
-        write_card = overwrite_readme or not card_path.exists() or _our_card(folder)
-        if not write_card:
-            warnings.warn(
-                f"{card_path} is kept: it was not written by Classifier.save (or was edited since); "
-                "pass overwrite_readme=True to replace it with the model card",
-                stacklevel=2,
-            )
-        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        for name in (WEIGHTS_FILE, CARD_FILE, CONFIG_FILE):  # of saves killed earlier (dead pids)
-            remove_temp_leftovers(folder / name)
-        staged: dict[Path, Path] = {}
-        try:
-            head_tmp = staged[folder / WEIGHTS_FILE] = temp_path(folder / WEIGHTS_FILE)
-            save_file(state, str(head_tmp), {"format": "pt"})
-            config = {
-                k: v for k, v in self.config.items() if k not in ("head_sha256", "card_sha256")
-            }
-            config["head_sha256"] = _sha256(head_tmp)
-            if write_card:
-                card = self.model_card()
-                card_tmp = staged[card_path] = temp_path(card_path)
-                card_tmp.write_text(card, encoding="utf-8")
-                config["card_sha256"] = _sha256(card_tmp)
-            config_tmp = staged[config_path] = temp_path(config_path)
-            text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-            config_tmp.write_text(text, encoding="utf-8")
-            for tmp in staged.values():  # the new content is on disk before any name changes
-                with open(tmp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            config_path.unlink(missing_ok=True)  # from here until the last rename: not loadable
-            fsync_dir(folder)
-            for final, tmp in staged.items():  # classifier.json last (dicts keep insertion order)
-                os.replace(tmp, final)
-            fsync_dir(folder)
-        finally:
-            for tmp in staged.values():
-                tmp.unlink(missing_ok=True)
-        return folder
+        card = self.model_card()
+        return write_folder(directory, self.config, self.head.state_dict(), card, overwrite_readme)
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -403,70 +300,10 @@ class Classifier:
 
     def model_card(self) -> str:
         """A short README.md: what the classifier predicts, from which encoders and layers, how to use it."""
-        cfg = self.config
-        rows = [
-            f"| `{e.spec.key}` | `{e.spec.name}` | {', '.join(map(str, self.layers[k]))} "
-            f"(of 0..{e.num_layers - 1}) | {e.spec.pooling} | {e.max_length} |"
-            for k, e in self.encoders.items()
-        ]
-        args = ", ".join(f"{k} {v}" for k, v in cfg["head_args"].items())
-        trained = cfg.get("trained") or {}
-        score = (
-            f"\nBest `{trained['monitor']}` during training: {trained['best_score']:.4f}.\n"
-            if trained.get("monitor") and trained.get("best_score") is not None
-            else ""
-        )
-        return f"""# layerfusion classifier
-
-A `{cfg["head"]}` fusion head ({args}) over frozen pretrained encoders, predicting
-{len(self.label_names)} labels: {", ".join(f"`{n}`" for n in self.label_names)}.
-{score}
-| encoder | model | layers read (0 = embeddings) | pooling | max tokens |
-|---|---|---|---|---|
-{chr(10).join(rows)}
-
-The encoder weights are not in this folder: each is loaded by its model name (a local directory,
-`$LAYERFUSION_MODELS`, or the Hugging Face hub) and checked against the SHA-256 of the weights the
-head was trained on (`encoder_ids` in `{CONFIG_FILE}`). The head is `{WEIGHTS_FILE}`.
-
-```python
-from layerfusion import Classifier
-
-clf = Classifier.load("path/to/this/folder")  # device="cuda", compute_dtype="bfloat16", ...
-clf.predict(["a text to classify"])  # array of labels (scikit-learn); predict_proba: [N, C]
-clf(["a text to classify"], top_k=2)  # [[{{"label": ..., "score": ...}}, ...]] (transformers pipeline)
-clf.encode(["a text to classify"])  # [N, width] fused representation (sentence-transformers)
-```
-
-Command line: `python -m layerfusion classify path/to/this/folder "a text" "another"`.
-"""
+        return model_card(self.config, self.encoders)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_config(config: dict[str, Any]) -> None:
-    """Fail with the missing or wrong setting rather than deep inside the model."""
-    needed = ("label_names", "head", "head_args", "layers", "encoders", "encoder_ids")
-    missing = [k for k in needed if k not in config]
-    if missing:
-        raise CheckpointError(f"classifier settings lack {missing}")
-    if config["head"] not in HEADS:
-        raise CheckpointError(
-            f"classifier has head {config['head']!r}, which this layerfusion does not know; "
-            f"known heads: {', '.join(HEADS)}"
-        )
-    known = {f.name for f in fields(EncoderSpec)}
-    unknown = sorted({k for e in config["encoders"] for k in e} - known)
-    if unknown:
-        raise CheckpointError(
-            f"classifier encoder settings have fields this layerfusion lacks: {unknown}"
-        )
-    keys = [EncoderSpec(**e).key for e in config["encoders"]]
-    if set(keys) != set(config["layers"]):
-        raise CheckpointError(
-            f"classifier layers are given for {sorted(config['layers'])}, encoders are {keys}"
-        )
 
 
 def _check_weights(encoder: FrozenEncoder, trained: dict[str, Any] | None) -> None:
@@ -499,34 +336,6 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     """Unit length along the last axis (a zero vector stays zero)."""
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.where(norm > 0, norm, 1)
-
-
-def _training_summary(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    """Where the head came from: the checkpoint, its epoch, the best monitored score."""
-    out: dict[str, Any] = {"checkpoint": str(path), "epoch": ckpt.get("epoch")}
-    for name, state in (ckpt.get("callbacks") or {}).items():
-        if str(name).startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
-            out["monitor"] = state.get("monitor")
-            out["best_score"] = float(state["best_model_score"])
-            break
-    return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _our_card(folder: Path) -> bool:
-    """Whether the folder's README.md is the model card a previous `save` wrote, unedited."""
-    try:
-        recorded = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("card_sha256")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return recorded is not None and _sha256(folder / CARD_FILE) == recorded
 
 
 __all__ = ["Classifier", "InputError", "read_checkpoint"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import hashlib
 import io
 import json
 import os
@@ -68,6 +69,15 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, buf.getvalue())
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def temp_prefix(path: str | Path) -> str:

@@ -235,7 +235,8 @@ def test_resume_verification_lists_the_build_directory_a_constant_number_of_time
 
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_run_report_keeps_row_numbers_exact_beyond_float32(tmp_path):
-    """Rows 2**24 and 2**24 + 1 are one number in float32: RunReport keeps row numbers as int64."""
+    """Rows 2**24 and 2**24 + 1 are one number in float32: RunReport keeps row numbers as int64, in its
+    metrics and in the per-row predictions it writes."""
     import lightning as L
     from layerfusion.callbacks.run_report import RunReport
 
@@ -263,3 +264,7 @@ def test_run_report_keeps_row_numbers_exact_beyond_float32(tmp_path):
     trainer.test(Tiny(), torch.utils.data.DataLoader(rows, batch_size=4), verbose=False)
     metrics = json.loads((tmp_path / "metrics_test.json").read_text())
     assert metrics["rows"] == 4 and metrics["confusion_matrix"] == [[1, 1], [1, 1]]
+    written = (tmp_path / "predictions_test.csv").read_text().splitlines()
+    assert written == ["index,pred,gold"] + [
+        f"{big + i},{i % 2},{[0, 0, 1, 1][i]}" for i in range(4)
+    ]

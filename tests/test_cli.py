@@ -71,6 +71,8 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
     assert records["test"][1]["history"]["test_acc"] == [pytest.approx(test_acc, abs=1e-6)]
     fit_dir, record = records["fit"]
     assert record["history"]["val_acc"][-1] > 0.5 and "val_f1_negative" in record["history"]
+    train_acc = record["history"]["train_acc"]  # once per epoch, like val_acc
+    assert len(train_acc) == len(record["history"]["val_acc"]) and 0.5 < train_acc[-1] <= 1.0
     assert record["config"]["config"]["model"]["head"] == "gated"  # the full resolved config
     assert "resources/train_s" in record["history"] and "resources/extract_s" in record["history"]
     assert list((fit_dir / "files" / "media" / "images" / "val").glob("confusion_matrix*.png"))
@@ -126,8 +128,9 @@ def test_fit_validate_test_predict(minilm_run, monkeypatch, caplog):
 def test_without_a_logger_the_run_files_are_still_written_and_reported(
     minilm_config, monkeypatch, capsys
 ):
-    """`fit` (one epoch), `test` (in this process) and `report` with `--trainer.logger false`; the run
-    directory (run files, checkpoints) is its own, the feature cache the shared one."""
+    """`fit` (one epoch), `test` (in this process), `report` and `analyze` with `--trainer.logger false`;
+    the run directory (run files, checkpoints, per-row predictions) is its own, the feature cache the
+    shared one."""
     d = minilm_config
     monkeypatch.chdir(d)
     monkeypatch.setattr(
@@ -161,6 +164,32 @@ def test_without_a_logger_the_run_files_are_still_written_and_reported(
     assert "| nolog | sst2 | gated | all-MiniLM-L6-v2 |" in table
     assert f"| {metrics['test_acc']:.4f} | {metrics['test_f1']:.4f} |" in table
     assert (d / "report" / "accuracy.png").stat().st_size > 1000
+
+    # the same run directory is what `analyze` reads: RunReport wrote every row's prediction
+    import yaml
+
+    from layerfusion.analysis import read_predictions
+    from layerfusion.data.datamodule import TextClassificationDataModule
+
+    dm = TextClassificationDataModule(**yaml.safe_load((d / "nolog.yaml").read_text())["data"])
+    dm.setup("test")
+    test = read_predictions(out / "predictions_test.csv")
+    assert test["index"].tolist() == list(range(120)) and test["gold"].tolist() == dm.label_ids(
+        "test"
+    )
+    assert (test["pred"] == test["gold"]).mean() == pytest.approx(metrics["test_acc"], abs=1e-6)
+    val = read_predictions(out / "predictions_val.csv")  # fit's one validation epoch
+    val_acc = json.loads((out / "metrics_val.json").read_text())["val_acc"]
+    assert len(val["index"]) == 120 and (val["pred"] == val["gold"]).mean() == pytest.approx(
+        val_acc
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["analyze", str(out), str(out), "--out", str(d / "analysis")])
+    assert done.value.code == 0
+    rows = {r["split"]: r for r in csv.DictReader((d / "analysis" / "agreement.csv").open())}
+    assert sorted(rows) == ["test", "val"] and rows["test"]["rows"] == "120"
+    assert float(rows["test"]["acc_a"]) == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert float(rows["test"]["kappa"]) == 1.0 and float(rows["test"]["mcnemar_p"]) == 1.0
 
 
 def test_user_errors_are_one_clear_line(minilm_config):

@@ -147,6 +147,13 @@ def test_ddp_fit_shards_rows_and_extraction_and_syncs_everything(
     assert _printed(two.stdout, "test_acc") == pytest.approx(correct / 301, abs=1e-6)
     report = json.loads((tmp_path / "run" / "metrics_test.json").read_text())
     assert report["rows"] == 301 and sum(map(sum, report["confusion_matrix"])) == 301
+    # RunReport's per-row test predictions, gathered from both ranks: every row once, as one process's
+    from layerfusion.analysis import read_predictions
+
+    ddp_test = read_predictions(tmp_path / "run" / "predictions_test.csv")
+    names = saved["layerfusion"]["label_names"]
+    assert ddp_test["index"].tolist() == list(range(301))
+    assert [names[p] for p in ddp_test["pred"]] == [r["label"] for r in one_rows]
 
 
 def _exactly_once(rows0: list[int], rows1: list[int], n: int) -> None:

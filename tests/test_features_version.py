@@ -40,11 +40,10 @@ CODE = {  # module -> the names in it that compute features (None: the whole mod
         "set_mpnet_sdpa",
         "_mpnet_sdpa_forward",
         "blocks_of",
-        "resolve_compute_dtype",
         "_cuda_fp32",
-        "NO_AUTOCAST",
         "DECODERS",
     ],
+    "layerfusion.encoders.precision": ["resolve_compute_dtype", "NO_AUTOCAST"],
 }
 
 

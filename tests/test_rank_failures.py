@@ -84,6 +84,9 @@ def test_a_failure_on_one_rank_ends_every_rank_with_its_message(
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     cfg["model"]["encoders"] = [{"name": tiny_models["bert"], "max_length": 16}]
     cfg["model"]["features"] = "online"
+    cfg["model"]["cache_dir"] = str(
+        tmp_path / "cache"
+    )  # importance caches features: not the user's cache
     cfg["data"].update(dataset=str(sst2_slice), batch_size=16)
     cfg["trainer"].update(
         max_epochs=1, devices=2, strategy="ddp", default_root_dir=str(tmp_path / "run")

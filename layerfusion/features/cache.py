@@ -9,15 +9,15 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
 
 from layerfusion.encoders.frozen import FrozenEncoder
-from layerfusion.errors import ConfigError, LayerFusionError
+from layerfusion.errors import ConfigError
 from layerfusion.features.entry import (
     CachedFeatures,
     FeatureCacheError,
@@ -46,6 +46,7 @@ from layerfusion.features.extraction import (
     token_batches,
 )
 from layerfusion.features.locks import EntryLock
+from layerfusion.features.ranks import Distributed, SingleProcess, on_rank_zero, open_on_every_rank
 from layerfusion.files import remove_dead_leftovers
 from layerfusion.fusion.heads import layer_set
 
@@ -216,12 +217,12 @@ class FeatureCache:
             )
         key = self.key(encoder, texts, split, device, layers)
         path = self.entry_dir(key)
-        plan = _on_rank_zero(dist, lambda: self._plan(key, path, encoder.hidden_size))
+        plan = on_rank_zero(dist, lambda: self._plan(key, path, encoder.hidden_size))
         if plan[0] == "hit":
             hit = Path(plan[1])
             served = "" if hit == path else f" (layers {key['layers']} of it)"
             log.info("feature cache hit: %s%s", hit, served)
-            return _open_on_every_rank(dist, hit).select(key["layers"])
+            return open_on_every_rank(dist, hit).select(key["layers"])
         _, chunk_rows, present = plan
         build = build_dir(path, chunk_rows)
         start, failure = time.perf_counter(), None
@@ -243,11 +244,11 @@ class FeatureCache:
                 raise FeatureCacheError(f"feature extraction failed on rank {r}: {message}")
         self.last_build_seconds = max(s for _, s in statuses)  # ranks ran in parallel
         reason = encoder.compute_reason(device)
-        done = _on_rank_zero(
+        done = on_rank_zero(
             dist,
             lambda: ("ok", str(self._finish(key, path, build, self.last_build_seconds, reason))),
         )
-        return _open_on_every_rank(dist, Path(done[1])).select(key["layers"])
+        return open_on_every_rank(dist, Path(done[1])).select(key["layers"])
 
     def _plan(self, key: dict, path: Path, dim: int) -> tuple:
         """Rank 0's decision: `("hit", entry)`, or `("build", chunk_rows, chunks on disk)` after checking
@@ -442,26 +443,6 @@ class FeatureCache:
         return path
 
 
-# -- process groups ----------------------------------------------------------------------------
-class Distributed(Protocol):
-    """What the cache needs of a process group (a Lightning strategy or Fabric has it)."""
-
-    global_rank: int
-    world_size: int
-
-    def broadcast(self, obj, src: int = 0): ...
-
-
-class SingleProcess:
-    """The process group of one process."""
-
-    global_rank = 0
-    world_size = 1
-
-    def broadcast(self, obj, src: int = 0):
-        return obj
-
-
 def texts_fingerprint(texts: Sequence[str], split: str = "texts") -> str:
     """SHA-256 over the texts in order, each prefixed with its UTF-8 length (so no two lists collide)."""
     h = hashlib.sha256()
@@ -476,40 +457,6 @@ def texts_fingerprint(texts: Sequence[str], split: str = "texts") -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
-
-
-def _on_rank_zero(dist: Distributed, decide: Callable[[], tuple]) -> tuple:
-    """`decide()` on rank 0, broadcast to every rank; an error there is raised on every rank."""
-    outcome = None
-    if dist.global_rank == 0:
-        try:
-            outcome = decide()
-        except Exception as err:  # raised on every rank below, not only here
-            message = (
-                str(err) if isinstance(err, LayerFusionError) else f"{type(err).__name__}: {err}"
-            )
-            outcome = ("error", message)
-    outcome = dist.broadcast(outcome, src=0)
-    if outcome[0] == "error":
-        raise FeatureCacheError(outcome[1])
-    return outcome
-
-
-def _open_on_every_rank(dist: Distributed, path: Path) -> CachedFeatures:
-    """`open_entry(path)` on every rank; a failure on any rank (e.g. NFS not yet showing rank 0's fresh
-    manifest) is raised on every rank, naming the rank, instead of leaving the others in a collective."""
-    try:
-        entry, message = open_entry(path), None
-    except Exception as err:
-        if dist.world_size == 1:
-            raise
-        entry = None
-        message = str(err) if isinstance(err, LayerFusionError) else f"{type(err).__name__}: {err}"
-    messages = [dist.broadcast(message, src=r) for r in range(dist.world_size)]
-    for r, m in enumerate(messages):
-        if m is not None:
-            raise FeatureCacheError(f"feature cache entry cannot be opened on rank {r}: {m}")
-    return entry
 
 
 def _safe(name: str) -> str:

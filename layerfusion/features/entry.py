@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from layerfusion.errors import LayerFusionError
-from layerfusion.files import atomic_write, fsync_dir, owner_tag
+from layerfusion.files import atomic_write, file_sha256, fsync_dir, owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,6 @@ def read_manifest(path: Path) -> dict:
         return json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_chunk(build: Path, index: int, array: np.ndarray) -> Path | None:
