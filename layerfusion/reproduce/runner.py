@@ -78,6 +78,9 @@ def reproduce_dataset(
         arm_cfg = copy.deepcopy(cfg)
         if n is not None:
             arm_cfg["data"]["max_train_samples"] = n
+            # an epoch of n rows can be one step: Lightning warns when it is shorter than the logging
+            # interval (50 steps by default), so the arm logs every step
+            arm_cfg["trainer"]["log_every_n_steps"] = 1
         arm_dir = runs / name / ("" if n is None else f"n{n}")
         for row in arm_rows:
             for encs in [[k] for k in keys] if row.encoders == "*" else [keys]:
