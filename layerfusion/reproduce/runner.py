@@ -10,7 +10,6 @@ import math
 import time
 from pathlib import Path
 
-import lightning as L
 import yaml
 
 from layerfusion.errors import ConfigError
@@ -414,7 +413,7 @@ def _fit_head(c: dict, run_dir: Path) -> dict:
     import torch
     from lightning.pytorch.loggers import WandbLogger
 
-    from layerfusion.analysis import write_predictions
+    from layerfusion.callbacks import EvalPredictions
     from layerfusion.memory import peak_memory_mb, reset_peak_memory
 
     gc.collect()
@@ -422,7 +421,7 @@ def _fit_head(c: dict, run_dir: Path) -> dict:
     trainer, model, dm = instantiate(c)
     if trainer.world_size > 1:
         raise ConfigError("reproduce trains each row in one process: set trainer.devices to 1")
-    preds = _Predictions()
+    preds = EvalPredictions()  # writes predictions_{val,test}.csv into the run directory
     trainer.callbacks.append(preds)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
@@ -433,10 +432,8 @@ def _fit_head(c: dict, run_dir: Path) -> dict:
     for lg in trainer.loggers:  # close each W&B run: the next WandbLogger would reuse an open one
         if isinstance(lg, WandbLogger):
             lg.experiment.finish()
-    for split in ("val", "test"):
-        write_predictions(run_dir / f"predictions_{split}.csv", *preds.arrays(split))
     out = {
-        "gate": preds.gate(list(model.encoders)),
+        "gate": _gate(preds.gates["test"], list(model.encoders)),
         "test_acc": metrics["test_acc"],
         "test_f1": metrics["test_f1"],
         "val_acc": float(ckpt.best_model_score),
@@ -556,47 +553,11 @@ def instantiate(cfg: dict):
     return cli.trainer, cli.model, cli.datamodule
 
 
-class _Predictions(L.Callback):
-    """Collects (row index, prediction, gold) of the last validation and test epoch (one process), and
-    the gated head's per-example gate weights on the test rows."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, list] = {}
-        self.gates: list = []
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self.rows["val"] = []
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self.rows["test"] = []
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
-        self.rows["val"].append(_triple(outputs, batch))
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
-        self.rows["test"].append(_triple(outputs, batch))
-        gate = getattr(pl_module.head, "last_gate", None)
-        if gate is not None:
-            self.gates.append(gate.float().cpu())
-
-    def gate(self, encoders: list[str]) -> str:
-        """Mean gate weight of each encoder over the test rows (`"enc:w enc:w"`; empty without a gate)."""
-        import torch
-
-        if not self.gates:
-            return ""
-        mean = torch.cat(self.gates).mean(0)
-        return " ".join(f"{k}:{float(w):.4f}" for k, w in zip(encoders, mean))
-
-    def arrays(self, split: str) -> list:
-        """`[index, pred, gold]` tensors of the split's last epoch."""
-        import torch
-
-        return [torch.cat(col) for col in zip(*self.rows[split])]
-
-
-def _triple(outputs: dict, batch: dict):
-    return batch["index"].cpu(), outputs["preds"].cpu(), batch["labels"].cpu()
+def _gate(gates, encoders: list[str]) -> str:
+    """Mean gate weight of each encoder over the test rows (`"enc:w enc:w"`; empty without a gate)."""
+    if not gates.shape[1]:
+        return ""
+    return " ".join(f"{k}:{float(w):.4f}" for k, w in zip(encoders, gates.mean(0)))
 
 
 def _open(entry: Path):
