@@ -3,6 +3,7 @@ one `output_hidden_states=True` pass per model over length-sorted batches, every
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 
@@ -28,12 +29,18 @@ def bench_hidden_states_baseline(sizes: Sizes, device: str, workdir: Path) -> di
         encoders[spec.key] = FrozenEncoder(spec, model, tokenizer)
         hash_seconds[spec.key] = timed(encoders[spec.key].fingerprint, "cpu")
     results: dict[str, dict[str, torch.Tensor]] = {}
+    build_seconds: list[float] = []  # layerfusion's extraction (chunks written) per round
 
     def layerfusion(round_dir: Path) -> dict:
         """Empty cache, default settings bar fp32 compute: one tapped pass per model, checksummed and written to disk
         (the weights' SHA-256, paid once per encoder and process, is measured apart)."""
         cache = FeatureCache(round_dir, dtype="float32", batch_size=sizes.batch_size)
-        return {key: cache.load_or_build(e, texts, "train", device) for key, e in encoders.items()}
+        out, built = {}, 0.0
+        for key, e in encoders.items():
+            out[key] = cache.load_or_build(e, texts, "train", device)
+            built += cache.last_build_seconds
+        build_seconds.append(built)
+        return out
 
     def baseline(round_dir: Path) -> dict[str, torch.Tensor]:
         out = {}
@@ -47,29 +54,55 @@ def bench_hidden_states_baseline(sizes: Sizes, device: str, workdir: Path) -> di
 
     counter = iter(range(10**6))
 
-    def run(name: str, fn) -> float:
+    def run(name: str, fn, cpu: dict[str, list[float]]) -> float:
+        """Wall seconds of one round; its process CPU seconds go to `cpu[name]`."""
         round_dir = workdir / f"{name}-{next(counter)}"
+        start = time.process_time()
         seconds = timed(lambda: results.__setitem__(name, fn(round_dir)), device)
+        cpu[name].append(time.process_time() - start)
         return seconds
 
-    layerfusion(workdir / "warm-up")  # first calls pay one-off costs (allocator, tokenizer caches)
-    times = alternate(
-        {
-            "layerfusion": partial(run, "layerfusion", layerfusion),
-            "baseline": partial(run, "baseline", baseline),
-        },
-        sizes.baseline_rounds,
-    )
+    def rounds(threads: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Wall and process CPU seconds of `baseline_rounds` alternating rounds on `threads` threads."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        cpu: dict[str, list[float]] = {"layerfusion": [], "baseline": []}
+        try:
+            # first calls on a thread count pay one-off costs (allocator, kernel choice, tokenizer
+            # caches): one untimed call of each side
+            for warm_up in (layerfusion, baseline):
+                warm_up(workdir / f"warm-up-{next(counter)}")
+            wall = alternate(
+                {
+                    "layerfusion": partial(run, "layerfusion", layerfusion, cpu),
+                    "baseline": partial(run, "baseline", baseline, cpu),
+                },
+                sizes.baseline_rounds,
+            )
+        finally:
+            torch.set_num_threads(before)
+        return wall, cpu
+
+    threads = torch.get_num_threads()
+    times, cpu_times = rounds(threads)
+    # CPU time on one thread: little moved by other jobs on the machine (wall time is), and free of
+    # the time a second thread spends waiting for the first
+    one_wall, one_cpu = (times, cpu_times) if threads == 1 else rounds(1)
     ratios = round_ratios(times["baseline"], times["layerfusion"])
+    cpu_ratios = round_ratios(one_cpu["baseline"], one_cpu["layerfusion"])
     diff = {
         key: (results["layerfusion"][key][:] - results["baseline"][key]).abs().max().item()
         for key in loaded
     }
     for e in encoders.values():
         e.close()
-    log(f"extraction vs output_hidden_states: x{median(ratios):.2f} ({times}), diff {diff}")
+    log(
+        f"extraction vs output_hidden_states: x{median(ratios):.2f} wall ({times}), "
+        f"x{median(cpu_ratios):.2f} CPU on one thread ({one_cpu}), diff {diff}"
+    )
     return {
         "extraction_speedup": median(ratios),
+        "extraction_cpu_ratio": median(cpu_ratios),
         "raw": {
             "models": list(loaded),
             "texts": len(texts),
@@ -79,8 +112,17 @@ def bench_hidden_states_baseline(sizes: Sizes, device: str, workdir: Path) -> di
                 k: e.compute_precision(device) for k, e in encoders.items()
             },
             "weight_hash_seconds": hash_seconds,
+            "threads": threads,
             "seconds": times,
+            "cpu_seconds": cpu_times,
             "round_ratios": ratios,
+            "one_thread": {
+                "seconds": one_wall,
+                "cpu_seconds": one_cpu,
+                "round_ratios": round_ratios(one_wall["baseline"], one_wall["layerfusion"]),
+                "cpu_round_ratios": cpu_ratios,
+            },
+            "layerfusion_build_seconds": build_seconds,  # every call, warm-ups included, in order
             "max_abs_feature_diff": diff,
         },
     }

@@ -42,6 +42,7 @@ TARGETS: dict[str, tuple[str, float]] = {
 
 REPORTED = [
     "extraction_speedup",
+    "extraction_cpu_ratio",
     *TARGETS,
     "hidden_states_memory_ratio",
     "cached_fit_speedup",

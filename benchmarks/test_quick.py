@@ -17,6 +17,7 @@ import pytest
 RUN = Path(__file__).with_name("run.py")
 FIGURES = [
     "extraction_speedup",
+    "extraction_cpu_ratio",
     "tap_overhead_ratio",
     "tap_memory_overhead",
     "hidden_states_memory_ratio",

@@ -356,7 +356,6 @@ class FeatureCache:
             )
         total = sum(min(chunk_rows, len(texts) - i * chunk_rows) for i in todo)
         start, overflowed, done = time.perf_counter(), 0, []
-        encoder.to(device)
         with _progress() as bar:
             task = bar.add_task(f"extract {desc}", total=total)
 
@@ -380,7 +379,7 @@ class FeatureCache:
                         advance=lambda n: bar.advance(task, n),
                     )
                     with np.errstate(over="ignore"):  # checked right below
-                        stored = array.astype(self.dtype)
+                        stored = array.astype(self.dtype, copy=False)  # float32: no copy
                     if not np.isfinite(stored).all():
                         stored, overflowed = array, overflowed + 1
                     if write_chunk(build, i, stored) is None:
