@@ -31,8 +31,9 @@ method); `train_peak_mb`: peak memory of a training run (encoders loaded, cached
 training, validation and test of the best checkpoint), the largest over seeds. Peak memory is process RSS
 on CPU (reset per run via /proc/self/clear_refs) or CUDA memory allocated on a GPU.
 
-The package: `grid` (methods and columns), `runner` (extraction, importance, head runs), `tables`
-(aggregation, significance, complementarity), `markdown` (the report). Configs are built and hashed by
+The package: `grid` (methods and columns), `prepare` (extraction, importance), `runner` (head runs),
+`probe` (linear probe and stacking rows), `tables` (aggregation, complementarity), `evidence` and `stats`
+(significance), `markdown` (the report). Configs are built and hashed by
 `layerfusion.cli.build_cli` / `resolved_config_hash`, as `layerfusion fit` builds them.
 """
 
@@ -57,13 +58,8 @@ from layerfusion.reproduce.grid import (
     Row,
 )
 from layerfusion.reproduce.markdown import markdown
-from layerfusion.reproduce.runner import (
-    extract_features,
-    importance,
-    instantiate,
-    reproduce_dataset,
-    run_one,
-)
+from layerfusion.reproduce.prepare import extract_features, importance, instantiate
+from layerfusion.reproduce.runner import reproduce_dataset, run_one
 from layerfusion.reproduce.tables import aggregate, complementarity, csv_rows, read_runs
 
 __all__ = [
