@@ -1,11 +1,12 @@
 """A few fixed input shapes for the encoders of `layerfusion serve`, each run once before the server is ready.
 
 Every new `[rows, tokens]` shape an encoder sees makes oneDNN and the allocator keep memory for it
-(`benchmarks/serve_memory.py`: +384 MiB over 200 random shapes in bf16, nothing more when they repeat), so
-a server fed arbitrary batches grows for as long as new shapes come. Here each forward pass of a serving
-encoder is padded up to a bucket: token length to a multiple of 8 up to 64, then steps of x1.5 to the
-encoder's `max_length`; rows (by repeating the last row, whose outputs are dropped) to every count up to
-4, then steps of a quarter of the power of two below, up to the batch size (a batch of 9 runs as 10). The extra tokens are padding under the attention mask, on the tokenizer's padding side, as
+(`benchmarks/serve_memory.json`: +399 MiB over 200 random shapes in bf16, 6 MiB more when they repeat),
+so a server fed arbitrary batches grows for as long as new shapes come. Here each forward pass of a
+serving encoder is padded up to a bucket: token length to a multiple of 8 up to 64, then steps of x1.5
+to the encoder's `max_length`; rows (by repeating the last row, whose outputs are dropped) to every
+count up to 4, then steps of a quarter of the power of two below, up to the batch size (a batch of 9
+runs as 10). The extra tokens are padding under the attention mask, on the tokenizer's padding side, as
 when a longer text shares the batch; the shared tokenizing of training and the feature cache is unchanged.
 """
 
