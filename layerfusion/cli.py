@@ -124,7 +124,7 @@ class LogConfigCallback(SaveConfigCallback):
     every logger (W&B run config, CSV `hparams.yaml`). Runs on rank 0 only: no collectives here."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+        config = json.loads(self.parser.dump(self.config, skip_unset=False, format="json"))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config})
 
@@ -179,7 +179,7 @@ class ParseOnlyCLI(LayerFusionCLI):
 def resolved_config(cfg: dict) -> dict:
     """The config dict `cfg` fully resolved by the parser (defaults filled in), nothing instantiated."""
     cli = build_cli(cfg, ParseOnlyCLI)
-    return json.loads(cli.parser.dump(cli.config, skip_none=False, format="json"))
+    return json.loads(cli.parser.dump(cli.config, skip_unset=False, format="json"))
 
 
 def resolved_config_hash(cfg: dict) -> str:

@@ -305,21 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if not 1024 <= args.port <= 65535:
         parser.error(f"--port must be in 1024..65535, got {args.port}")
-    serve(
-        args.model,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        device=args.device,
-        compute_dtype=args.compute_dtype,
-        max_batch_size=args.max_batch_size,
-        batch_timeout=args.batch_timeout,
-        max_texts=args.max_texts,
-        max_body_bytes=args.max_body_bytes,
-        timeout=args.timeout,
-        trust_remote_code=args.trust_remote_code,
-        threads=args.threads,
-    )
+    serve(**vars(args))  # every option is one of serve's parameters, by the same name
     return 0
 
 

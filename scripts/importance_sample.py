@@ -1,14 +1,21 @@
 """Does layer importance on a train sample pick the layers it picks on the whole train split?
 
     python scripts/importance_sample.py --config configs/sst2.yaml [--sample 4000] [--seeds 0 1 2 3 4]
-        [--encoders all-MiniLM-L6-v2 ...] [--cache /tmp/lf/imp_cache] [--real-extraction-check]
+        [--full-seeds 1 2 3 4] [--other-dtype float32] [--encoders all-MiniLM-L6-v2 ...]
+        [--cache /tmp/lf/imp_cache] [--real-extraction-check]
 
 For the dataset and encoders of `--config` (its `LayerImportance` settings, top-k of its `LayerSelection`),
 runs the real callbacks in a real `Trainer.fit` that stops before the first epoch (`max_epochs=0`):
 
 - `full`: `LayerImportance(max_train_rows=None, max_dev_rows=None, seed=0)`: every train and dev row;
 - per seed s: `LayerImportance(max_train_rows=--sample, max_dev_rows=None, seed=s)`: a stratified
-  sample of train (its attention-entropy texts are drawn from the sample with the same seed).
+  sample of train (its attention-entropy texts are drawn from the sample with the same seed);
+- `--full-seeds`: every row again with other seeds (only the attention-entropy texts differ);
+- `--other-dtype`: every row again with the encoders computing in that dtype (e.g. float32 against the
+  config's `auto`, bf16 on a CPU with bf16 units): the features are extracted again in that dtype.
+
+Each alternative selection is compared with the full-data one by overlap, Jaccard index and the dev
+probe accuracy it gives up (its layers' mean full-data probe accuracy below the full-data top-k's).
 
 The features of a sample's rows are the rows of the full split's cache entry (the same encoder on the
 same text; extracting each 4,000-row sample again would cost most of the run on this CPU): the callback
@@ -56,6 +63,11 @@ def main() -> None:
         default=[],
         help="also score all rows with these seeds (only the attention-entropy sample differs): the "
         "selection's own seed noise, against which the samples' differences compare",
+    )
+    parser.add_argument(
+        "--other-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="also score all rows with the encoders computing in this dtype",
     )
     parser.add_argument("--real-extraction-check", action="store_true")
     args = parser.parse_args()
@@ -108,6 +120,10 @@ def main() -> None:
     if full_seeds:
         summary["full_other_seeds"] = full_seeds
         summary["full_other_seeds_by_encoder"] = by_encoder(full_seeds, k)
+    if args.other_dtype:
+        run = score(cfg, specs, args.cache, scoring, k, None, 0, False, dtype=args.other_dtype)
+        summary["other_dtype"] = {"dtype": args.other_dtype, **compare(run, full, k)}
+        print(f"[{name}] all rows in {args.other_dtype}: {run['selection']}")
     if args.real_extraction_check:
         seed = args.seeds[0]
         real = score(cfg, specs, args.cache, scoring, k, args.sample, seed, sliced=False)
@@ -139,6 +155,7 @@ def score(
     sample: int | None,
     seed: int,
     sliced: bool,
+    dtype: str | None = None,
 ) -> dict:
     """The importance table and top-k selection of one `LayerImportance` run (a fit stopped before training)."""
     import lightning as L
@@ -150,7 +167,7 @@ def score(
     from layerfusion.module import LayerFusionModule
 
     L.seed_everything(cfg.get("seed_everything", 42), verbose=False)
-    encoders = [EncoderSpec(**s) for s in specs]
+    encoders = [EncoderSpec(**{**s, **({"compute_dtype": dtype} if dtype else {})}) for s in specs]
     dm = TextClassificationDataModule(
         dataset=cfg["data"]["dataset"], encoders=encoders, batch_size=cfg["data"]["batch_size"]
     )
@@ -208,11 +225,12 @@ def score(
 def compare(run: dict, full: dict, k: int) -> dict:
     """A sample's selection against the full-data one, per encoder."""
     out = {"selection": run["selection"], "overlap": {}, "spearman": {}, "score_shortfall": {}}
-    out["probe_acc_shortfall"] = {}
+    out["probe_acc_shortfall"], out["jaccard"] = {}, {}
     for e, chosen in run["selection"].items():
         best = full["selection"][e]
         scores, acc = full["scores"][e], full["probe_acc"][e]
         out["overlap"][e] = len(set(chosen) & set(best))
+        out["jaccard"][e] = round(len(set(chosen) & set(best)) / len(set(chosen) | set(best)), 4)
         out["spearman"][e] = round(spearman(run["scores"][e], scores), 4)
         # what choosing from the sample costs, measured on the full data: the mean full-data score and
         # probe accuracy of the sample's layers below those of the full-data top-k
@@ -231,6 +249,7 @@ def by_encoder(runs: list[dict], k: int) -> dict:
         out[e] = {
             "exact": f"{sum(o == k for o in overlaps)}/{len(runs)}",
             "overlaps": overlaps,
+            "mean_jaccard": round(sum(r["jaccard"][e] for r in runs) / len(runs), 4),
             "mean_spearman": round(sum(r["spearman"][e] for r in runs) / len(runs), 4),
             "min_spearman": min(r["spearman"][e] for r in runs),
             "max_probe_acc_shortfall": max(r["probe_acc_shortfall"][e] for r in runs),
@@ -258,20 +277,20 @@ def markdown(name: str, s: dict) -> str:
         )
         + ".",
         "",
-        "| seed | encoder | sample's top-k | overlap | Spearman | probe-acc shortfall |",
-        "|---:|---|---|---:|---:|---:|",
+        "| seed | encoder | sample's top-k | overlap | Jaccard | Spearman | probe-acc shortfall |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in s["samples"]:
         for e, chosen in r["selection"].items():
             lines.append(
                 f"| {r['seed']} | {e} | {chosen} | {r['overlap'][e]}/{s['top_k']} | "
-                f"{r['spearman'][e]:.3f} | {r['probe_acc_shortfall'][e]:+.4f} |"
+                f"{r['jaccard'][e]:.2f} | {r['spearman'][e]:.3f} | {r['probe_acc_shortfall'][e]:+.4f} |"
             )
     lines += ["", "Per encoder over seeds:", ""]
     for e, v in s["by_encoder"].items():
         lines.append(
             f"- {e}: exactly the full-data layers in {v['exact']} seeds, overlaps {v['overlaps']}, "
-            f"Spearman mean {v['mean_spearman']:.3f} (min {v['min_spearman']:.3f}), largest probe-acc "
+            f"Jaccard mean {v['mean_jaccard']:.2f}, Spearman mean {v['mean_spearman']:.3f} (min {v['min_spearman']:.3f}), largest probe-acc "
             f"shortfall {v['max_probe_acc_shortfall']:+.4f}"
         )
     if "full_other_seeds" in s:
@@ -284,9 +303,23 @@ def markdown(name: str, s: dict) -> str:
         ]
         for e, v in s["full_other_seeds_by_encoder"].items():
             lines.append(
-                f"- {e}: the same layers in {v['exact']} seeds, overlaps {v['overlaps']}, Spearman mean "
+                f"- {e}: the same layers in {v['exact']} seeds, overlaps {v['overlaps']}, Jaccard mean "
+                f"{v['mean_jaccard']:.2f}, Spearman mean "
                 f"{v['mean_spearman']:.3f} (min {v['min_spearman']:.3f}), largest probe-acc shortfall "
                 f"{v['max_probe_acc_shortfall']:+.4f}"
+            )
+    other = s.get("other_dtype")
+    if other:
+        lines += [
+            "",
+            f"All train rows with the encoders in {other['dtype']} against the config's dtype:",
+            "",
+        ]
+        for e, chosen in other["selection"].items():
+            lines.append(
+                f"- {e}: {chosen} (overlap {other['overlap'][e]}/{s['top_k']}, Jaccard "
+                f"{other['jaccard'][e]:.2f}, Spearman {other['spearman'][e]:.3f}, probe-acc shortfall "
+                f"{other['probe_acc_shortfall'][e]:+.4f})"
             )
     check = s.get("real_extraction_check")
     if check:

@@ -114,27 +114,27 @@ def test_predictions_equal_the_classifier(server, expected, classifier_dir):
             assert e[field] == saved["encoder_ids"][e["key"]][field]
         assert e["layers"] == saved["layers"][e["key"]] and e["compute_dtype"] == "float32"
     assert model["layerfusion"] and model["serving"]["max_batch_size"] == 8
-    assert model["serving"]["padded_rows"] == [1, 2, 4, 8]
+    assert model["serving"]["padded_rows"] == list(range(1, 9))
     assert [e["padded_lengths"] for e in model["encoders"]] == [[8, 16, 24, 32]] * 2
 
 
 def test_shape_buckets_bound_the_shapes_and_keep_the_probabilities(classifier_dir, expected):
     """With `ShapeBuckets` on its encoders, a classifier's models see only the shapes the warm-up ran
     (any batch, any text length), and its probabilities stay those of the unpadded classifier."""
-    clf = Classifier.load(classifier_dir, device="cpu", batch_size=4)
+    clf = Classifier.load(classifier_dir, device="cpu", batch_size=10)
     seen: set[tuple[int, int]] = set()
     for encoder in clf.encoders.values():
         encoder.model.register_forward_pre_hook(
             lambda m, a, kw: seen.add(tuple(kw["input_ids"].shape)), with_kwargs=True
         )
-    buckets = [ShapeBuckets(encoder, max_rows=4) for encoder in clf.encoders.values()]
-    assert buckets[0].rows == [1, 2, 4] and buckets[0].lengths == [8, 16, 24, 32]
-    assert [b.warm_up(2, "cpu") for b in buckets] == [12, 12]
+    buckets = [ShapeBuckets(encoder, max_rows=10) for encoder in clf.encoders.values()]
+    assert buckets[0].rows == [*range(1, 9), 10] and buckets[0].lengths == [8, 16, 24, 32]
+    assert [b.warm_up(2, "cpu") for b in buckets] == [36, 36]
     warmed, seen = set(seen), set()
-    texts = TEXTS + [" ".join(["word"] * n) for n in (1, 7, 9, 17, 30, 40)]
+    texts = TEXTS + [" ".join(["word"] * n) for n in range(1, 29, 2)]
     probs = clf.predict_proba(texts)
     assert seen and seen <= warmed
-    assert len({length for _, length in seen}) > 1  # batches of 4, 4 and 3 (padded to 4) texts
+    assert len({length for _, length in seen}) > 1  # batches of 10 and 9 (padded to 10) texts
     assert probs[: len(TEXTS)] == pytest.approx(np.stack([expected[t] for t in TEXTS]), abs=1e-5)
     for b in buckets:
         b.remove()
@@ -144,7 +144,8 @@ def test_shape_buckets_bound_the_shapes_and_keep_the_probabilities(classifier_di
 def test_bucket_sizes():
     assert length_buckets(512) == [8, 16, 24, 32, 40, 48, 56, 64, 96, 144, 216, 320, 480, 512]
     assert length_buckets(20) == [8, 16, 20] and length_buckets(5) == [5]
-    assert row_buckets(16) == [1, 2, 4, 8, 16] and row_buckets(12) == [1, 2, 4, 8, 12]
+    assert row_buckets(16) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
+    assert row_buckets(40)[-6:] == [16, 20, 24, 28, 32, 40] and row_buckets(9) == [*range(1, 9), 9]
     assert row_buckets(1) == [1]
     assert bucket(9, [8, 16]) == 16 and bucket(8, [8, 16]) == 8 and bucket(17, [8, 16]) == 17
 
