@@ -17,7 +17,7 @@ from pathlib import Path
 from lightning.fabric import Fabric
 
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
-from layerfusion.features import cache as cache_mod
+from layerfusion.features import ranks
 from layerfusion.features.cache import FeatureCache, FeatureCacheError
 
 
@@ -26,18 +26,18 @@ def run(fabric, model, out):
     cache = FeatureCache(Path(out) / "cache", "float32", chunk_rows=2)
     texts = ["one row", "two rows", "three rows"]
     result = {}
-    opened = cache_mod.open_entry
+    opened = ranks.open_entry  # every rank opens an entry through features.ranks
     if fabric.global_rank == 1:  # rank 1 cannot see the entry rank 0 published (NFS lookup cache)
         def not_visible(path):
             raise FeatureCacheError(f"injected: {path} has no manifest yet on rank 1")
-        cache_mod.open_entry = not_visible
+        ranks.open_entry = not_visible
     for attempt in ("after build", "on a hit"):
         try:
             cache.load_or_build(encoder, texts, "train", dist=fabric)
             result[attempt] = None
         except FeatureCacheError as err:
             result[attempt] = str(err)
-    cache_mod.open_entry = opened
+    ranks.open_entry = opened
     fabric.barrier()  # both ranks got here: nobody was left waiting in a collective
     (Path(out) / f"rank{fabric.global_rank}.json").write_text(json.dumps(result))
 
