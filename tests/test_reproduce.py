@@ -7,9 +7,9 @@ them genuinely different feature sets while CI only needs the one small model.
 from __future__ import annotations
 
 import csv
-import warnings
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
