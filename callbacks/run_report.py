@@ -163,9 +163,9 @@ class RunReport(EvalPredictions):
             out / f"metrics_{split}.csv", [{"metric": k, "value": v} for k, v in metrics.items()]
         )
         log_metrics(trainer, {k: v for k, v in metrics.items() if "_f1_" in k or "_gate_" in k})
-        self._figures(split, trainer, matrix, names, gates, list(pl_module.encoders))
+        self._figures(split, trainer, matrix, names, per_class, gates, list(pl_module.encoders))
 
-    def _figures(self, split, trainer, matrix, names, gates, encoders) -> None:
+    def _figures(self, split, trainer, matrix, names, per_class, gates, encoders) -> None:
         out = run_dir(trainer)
         cm = plots.confusion_matrix(
             matrix, names, out / f"confusion_{split}.png", title=f"{split} confusion matrix"
@@ -174,7 +174,7 @@ class RunReport(EvalPredictions):
         log_table(
             trainer,
             f"{split}/per_class_f1",
-            [{"label": n, "f1": f} for n, f in zip(names, _per_class_f1(matrix))],
+            [{"label": n, "f1": f} for n, f in zip(names, per_class)],
         )
         if len(gates):
             g = plots.bars(
