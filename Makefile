@@ -58,11 +58,15 @@ bench-quick: models-test
 gpu-check: models
 	$(BIN)/python scripts/gpu_check.py --out benchmarks/gpu.json
 
-# The paper's table: 4 datasets x (baselines, selection, gated fusion, ablations) x 3 seeds
-# -> results/paper_table.{csv,md}; interrupted runs continue where they stopped.
+# The committed table (README "Results"): 4 datasets x (the one-head factorial, linear_probe, stacking) x 10
+# seeds, and the low-data arm at 50 / 200 / 1,000 training rows -> results/paper_table.{csv,md},
+# results/predictions/; interrupted runs continue where they stopped. Drop --methods for every row
+# (MLP heads, ablations too).
 EXPERIMENTS ?= configs/experiments/sst2.yaml configs/experiments/mr.yaml configs/experiments/r8.yaml configs/experiments/r52.yaml
 reproduce: models
-	$(BIN)/python -m layerfusion reproduce $(EXPERIMENTS) --out results
+	$(BIN)/python -m layerfusion reproduce $(EXPERIMENTS) --seeds 0 1 2 3 4 5 6 7 8 9 --jobs 2 \
+		--methods single_last single_best selected fused_last fused_best gated linear_probe stacking \
+		--train-rows 50 200 1000 --low-data-methods single_best selected gated --out results
 
 clean:
 	rm -rf runs lightning_logs wandb .pytest_cache
