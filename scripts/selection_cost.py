@@ -42,7 +42,12 @@ def alternatives(stability: dict, which: str) -> list[dict]:
         short = float(sum(s["probe_acc_shortfall"].values()))
         alt = found.setdefault(
             json.dumps(sel, sort_keys=True),
-            {"seeds": [], "selection": sel, "probe_acc_shortfall": s["probe_acc_shortfall"], "sum": short},
+            {
+                "seeds": [],
+                "selection": sel,
+                "probe_acc_shortfall": s["probe_acc_shortfall"],
+                "sum": short,
+            },
         )
         alt["seeds"].append(s["seed"])
     alts = sorted(found.values(), key=lambda a: (-a["sum"], a["seeds"][0]))
@@ -51,7 +56,9 @@ def alternatives(stability: dict, which: str) -> list[dict]:
 
 def committed_gated(packed: dict) -> tuple[np.ndarray, list[int]]:
     """0/1 test correctness `[seeds, rows]` of the committed full-data `gated` rows, and their seeds."""
-    idx = [i for i, r in enumerate(packed["runs"]) if r["method"] == "gated" and not r["train_rows"]]
+    idx = [
+        i for i, r in enumerate(packed["runs"]) if r["method"] == "gated" and not r["train_rows"]
+    ]
     if not idx:
         raise SystemExit("the predictions file has no full-data gated rows")
     correct = packed["pred_test"][idx] == packed["gold_test"][None, :]
@@ -64,7 +71,9 @@ def main() -> None:
     )
     parser.add_argument("--config", required=True, help="an experiment config")
     parser.add_argument("--stability", required=True, help="scripts/importance_sample.py's JSON")
-    parser.add_argument("--predictions", required=True, help="reproduce's predictions/<dataset>.npz")
+    parser.add_argument(
+        "--predictions", required=True, help="reproduce's predictions/<dataset>.npz"
+    )
     parser.add_argument("--which", choices=["worst", "all"], default="worst")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--jobs", type=int, default=1)
@@ -136,7 +145,9 @@ def main() -> None:
     ]
     for a in alts:
         c = a["vs_full_selection"]
-        short = " ".join(f"{k.split('-')[1]} {100 * v:+.2f}" for k, v in a["probe_acc_shortfall"].items())
+        short = " ".join(
+            f"{k.split('-')[1]} {100 * v:+.2f}" for k, v in a["probe_acc_shortfall"].items()
+        )
         lines.append(
             f"| {', '.join(map(str, a['seeds']))} | {_fmt_layers(a['selection'])} | {short} | "
             f"{100 * np.mean(a['test_acc']):.2f} | {100 * c['diff']:+.2f} [{100 * c['lo']:+.2f}, "
