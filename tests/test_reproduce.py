@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -66,12 +68,50 @@ def reproduced(tmp_path_factory, shared_data, minilm_dir):
     tmp = tmp_path_factory.mktemp("reproduce")
     config = _config(tmp, shared_data)
     args = [str(config), "--seeds", "0", "1", "--out", str(tmp / "results"), "--train-rows", "40"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        main([*args, "--runs", str(tmp / "runs")])
+    console = _Records()
+    watched = [
+        logging.getLogger(n) for n in ("layerfusion", "lightning.pytorch", "lightning.fabric")
+    ]
+    for lg in watched:
+        lg.addHandler(console)
+    # `main` shows layerfusion's INFO lines on stderr (`log_to_stderr`) only when the logger has no
+    # handler yet; with this recording handler on it, set the level it would set
+    watched[0].setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main([*args, "--runs", str(tmp / "runs")])
+    finally:
+        for lg in watched:
+            lg.removeHandler(console)
     # the low-data arm's one-step epochs must not trip Lightning's logging-interval warning
     assert not [w for w in caught if "logging interval" in str(w.message)]
+    (tmp / "console.log").write_text("\n".join(console.messages))
     return tmp, args
+
+
+class _Records(logging.Handler):
+    """Every message that reaches a handler (what the console shows)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_console_has_one_line_per_head_run_not_lightnings_per_run_chatter(reproduced):
+    tmp, _ = reproduced
+    lines = (tmp / "console.log").read_text().splitlines()
+    trained = [r for r in _csv(tmp / "results" / "paper_runs.csv") if r["method"] != "stacking"]
+    finished = [ln for ln in lines if re.search(r"/seed\d+: test_acc [\d.]+, val_acc", ln)]
+    assert sorted(ln.split(":")[0] for ln in finished) == sorted(r["run_dir"] for r in trained)
+    # each head run validates and tests its best checkpoint: 4 restore lines a run without the filter
+    assert not [ln for ln in lines if "Restoring states from the checkpoint" in ln]
+    assert not [ln for ln in lines if "Loaded model weights from the checkpoint" in ln]
+    # extraction and importance run before the head runs, outside the filter: their lines still show
+    assert [ln for ln in lines if "layer selection (top_k)" in ln]
 
 
 def test_table_has_every_method_with_layers_chosen_on_train_dev(reproduced):

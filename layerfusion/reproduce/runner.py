@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -185,10 +187,61 @@ def _run_task(task: tuple) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(HEAD_THREADS)
+    start = time.perf_counter()
     try:
-        return run_one(*task)
+        with _quiet_head_run():
+            result = run_one(*task)
     finally:
         torch.set_num_threads(threads)
+    if result is not None and not result["reused"]:
+        log.info(
+            "%s: test_acc %.4f, val_acc %.4f, %d epochs, %.0f s",
+            result["run_dir"],
+            result["test_acc"],
+            result["val_acc"],
+            result["epochs"],
+            time.perf_counter() - start,
+        )
+    return result
+
+
+class _RunNoise(logging.Filter):
+    """Drops the INFO lines that every head run repeats: Lightning's device summary, seed and checkpoint
+    restores, layerfusion's cache hits and compute precision (about 20 lines a run, 10,000 for the full
+    grid, saying nothing the run directory does not). Only these messages; warnings, extraction progress
+    and errors still show, and `_run_task` logs one line per finished run instead."""
+
+    NOISE = re.compile(
+        r"(GPU|TPU|HPU) available|Restoring states from the checkpoint path|Loaded model weights from "
+        r"the checkpoint|`Trainer\.fit` stopped|Seed set to|feature cache hit|encoder \S+ computes in"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not self.NOISE.search(record.getMessage())
+
+
+NOISY_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+    "layerfusion.features.cache",
+    "layerfusion.encoders.frozen",
+)
+"""The loggers `_RunNoise` filters during a head run (each logs the messages itself, so a filter there
+catches them before any handler)."""
+
+
+@contextlib.contextmanager
+def _quiet_head_run():
+    noise = _RunNoise()
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(noise)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(noise)
 
 
 def run_one(
