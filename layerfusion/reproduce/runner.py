@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -307,6 +308,10 @@ def run_one(
             return {**done, "reused": True}
     if reuse_only:
         return None
+    # a redone run (settings changed, damaged, unfinished) starts from an empty directory: its old
+    # checkpoint and logs would mix with the new run's (and Lightning warns about both)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     c["trainer"]["logger"] = _logger(logger, row_dir, seed)
     fit = fit_linear_probe if row.head == "linear" else _fit_head
     result = {
