@@ -13,9 +13,10 @@ test predictions with the committed `gated` rows of `--predictions` (the full-da
 table's two-level bootstrap (seeds, then test rows), Holm-corrected over the alternatives.
 
 `--which worst` (default): the sample seed whose selection gives up the most dev probe accuracy summed
-over the encoders; `all`: every distinct selection of the samples.
+over the encoders; `all`: every distinct selection of the samples; `other-dtype`: the selection made on
+features of the other precision (`importance_sample.py --other-dtype`).
 
-Writes `<out>/<dataset>_cost.json` and `<out>/<dataset>_cost.md`.
+Writes `<out>/<stem>_cost.json` and `<out>/<stem>_cost.md` (`<stem>`: the `--stability` file's, e.g. `mr`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def alternatives(stability: dict, which: str) -> list[dict]:
-    """The sample selections to train: `{seeds, selection, probe_acc_shortfall}`, the full-data one left out."""
+    """The selections to train: `{source, seeds, selection, probe_acc_shortfall}`; the samples' (the
+    full-data one left out) or, for `other-dtype`, the one made on features of the other precision."""
     full = stability["full"]["selection"]
+    if which == "other-dtype":
+        other = stability["other_dtype"]
+        sel = {k: sorted(v) for k, v in other["selection"].items()}
+        short = other["probe_acc_shortfall"]
+        return [
+            {
+                "source": f"{other['dtype']} features",
+                "seeds": [],
+                "selection": sel,
+                "probe_acc_shortfall": short,
+                "sum": float(sum(short.values())),
+            }
+        ]
     found: dict[str, dict] = {}
     for s in stability["samples"]:
         sel = {k: sorted(v) for k, v in s["selection"].items()}
@@ -50,6 +65,8 @@ def alternatives(stability: dict, which: str) -> list[dict]:
             },
         )
         alt["seeds"].append(s["seed"])
+    for alt in found.values():
+        alt["source"] = "sample seed " + ", ".join(map(str, alt["seeds"]))
     alts = sorted(found.values(), key=lambda a: (-a["sum"], a["seeds"][0]))
     return alts[:1] if which == "worst" else alts
 
@@ -74,7 +91,7 @@ def main() -> None:
     parser.add_argument(
         "--predictions", required=True, help="reproduce's predictions/<dataset>.npz"
     )
-    parser.add_argument("--which", choices=["worst", "all"], default="worst")
+    parser.add_argument("--which", choices=["worst", "all", "other-dtype"], default="worst")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--runs", default=str(REPO / "runs" / "selection_cost"))
@@ -100,7 +117,10 @@ def main() -> None:
     alts = alternatives(stability, args.which)
     tasks = []
     for a in alts:
-        row_dir = Path(args.runs) / name / ("gated-sample-seed" + "-".join(map(str, a["seeds"])))
+        tag = (
+            "sample-seed" + "-".join(map(str, a["seeds"])) if a["seeds"] else a["source"].split()[0]
+        )
+        row_dir = Path(args.runs) / name / f"gated-{tag}"
         a["row_dir"] = str(row_dir)
         tasks += [(cfg, row, encs, a["selection"], s, row_dir) for s in args.seeds]
     done = iter(run_many(tasks, args.jobs))
@@ -130,8 +150,8 @@ def main() -> None:
         "alternatives": [{k: v for k, v in a.items() if k != "runs"} for a in alts],
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out)
-    write_json(out / f"{name}_cost.json", result)
+    out, stem = Path(args.out), Path(args.stability).stem  # mr.json -> mr_cost.json
+    write_json(out / f"{stem}_cost.json", result)
     lines = [
         f"# {name}: the `gated` row on another importance run's layers vs on the full-data selection",
         "",
@@ -140,7 +160,7 @@ def main() -> None:
         f"accuracy {100 * reference.mean():.2f} ({len(ref_seeds)} committed seeds). Difference: alternative "
         "minus full-data selection, points, two-level bootstrap 95 % interval, Holm over the alternatives.",
         "",
-        "| sample seeds | layers | dev probe-acc shortfall | test acc | difference [95 % CI] | Holm p | verdict |",
+        "| selection from | layers | dev probe-acc shortfall | test acc | difference [95 % CI] | Holm p | verdict |",
         "|---|---|---:|---:|---|---:|---|",
     ]
     for a in alts:
@@ -149,11 +169,11 @@ def main() -> None:
             f"{k.split('-')[1]} {100 * v:+.2f}" for k, v in a["probe_acc_shortfall"].items()
         )
         lines.append(
-            f"| {', '.join(map(str, a['seeds']))} | {_fmt_layers(a['selection'])} | {short} | "
+            f"| {a['source']} | {_fmt_layers(a['selection'])} | {short} | "
             f"{100 * np.mean(a['test_acc']):.2f} | {100 * c['diff']:+.2f} [{100 * c['lo']:+.2f}, "
             f"{100 * c['hi']:+.2f}] | {stats.format_p(a['p_holm'], c['p_bound'])} | {a['verdict']} |"
         )
-    write_text(out / f"{name}_cost.md", "\n".join(lines) + "\n")
+    write_text(out / f"{stem}_cost.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -45,6 +45,18 @@ def test_worst_is_the_largest_summed_probe_shortfall_and_all_are_the_distinct_ot
     assert worst["selection"] == {"mini": [0, 5, 6], "mp": [5, 8, 9]}
     every = script.alternatives(STABILITY, "all")
     assert [a["seeds"] for a in every] == [[4], [0], [2, 3]]
+    assert every[2]["source"] == "sample seed 2, 3"
+    other = {
+        **STABILITY,
+        "other_dtype": {
+            "dtype": "float32",
+            "selection": {"mini": [5, 4, 3], "mp": [7, 8, 9]},
+            "probe_acc_shortfall": {"mini": 0.0005, "mp": 0.0047},
+        },
+    }
+    (fp32,) = script.alternatives(other, "other-dtype")
+    assert fp32["source"] == "float32 features"
+    assert fp32["selection"] == {"mini": [3, 4, 5], "mp": [7, 8, 9]}
 
 
 def test_the_reference_is_the_full_data_gated_rows_only():
