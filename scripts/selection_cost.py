@@ -125,20 +125,21 @@ def main() -> None:
         tasks += [(cfg, row, encs, a["selection"], s, row_dir) for s in args.seeds]
     done = iter(run_many(tasks, args.jobs))
     index = {"index": packed["index_test"], "gold": packed["gold_test"]}
+    full = {"method": "gated", "encoders": "full-data selection"}
+    correct = {id(full): reference}
     for a in alts:
-        correct = []
         a["runs"] = [next(done) for _ in args.seeds]
+        right = []
         for r in a["runs"]:
             p = read_predictions(Path(r["run_dir"]) / "predictions_test.csv")
             aligned(index, p, r["run_dir"])
-            correct.append(p["pred"] == p["gold"])
+            right.append(p["pred"] == p["gold"])
+        correct[id(a)] = np.stack(right)
         a["test_acc"] = [float(r["test_acc"]) for r in a["runs"]]
-        a["vs_full_selection"] = stats.two_level_bootstrap(np.stack(correct), reference)
-    adjusted = stats.holm([a["vs_full_selection"]["p"] for a in alts])
-    for a, p in zip(alts, adjusted):
-        c = a["vs_full_selection"]
-        a["p_holm"] = p
-        a["verdict"] = stats.verdict(c["diff"], p)
+    # the table's comparison: two-level bootstrap against the reference, Holm over the others
+    compared = evidence._compare([full, *alts], full, correct, stats.SAMPLES)
+    for a in alts:
+        a["vs_full_selection"] = compared[id(a)]
     result = {
         "dataset": name,
         "config": args.config,
@@ -170,8 +171,9 @@ def main() -> None:
         )
         lines.append(
             f"| {a['source']} | {_fmt_layers(a['selection'])} | {short} | "
-            f"{100 * np.mean(a['test_acc']):.2f} | {100 * c['diff']:+.2f} [{100 * c['lo']:+.2f}, "
-            f"{100 * c['hi']:+.2f}] | {stats.format_p(a['p_holm'], c['p_bound'])} | {a['verdict']} |"
+            f"{100 * np.mean(a['test_acc']):.2f} | {100 * c['diff']:+.2f} [{100 * c['diff_lo']:+.2f}, "
+            f"{100 * c['diff_hi']:+.2f}] | {stats.format_p(c['p_holm'], c['p_holm_bound'])} | "
+            f"{c['verdict']} |"
         )
     write_text(out / f"{stem}_cost.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -222,20 +222,22 @@ class _RunNoise(logging.Filter):
 
 
 NOISY_LOGGERS = (
-    "lightning.pytorch.utilities.rank_zero",
-    "lightning.fabric.utilities.rank_zero",
     "lightning.fabric.utilities.seed",
     "layerfusion.features.cache",
     "layerfusion.encoders.frozen",
 )
-"""The loggers `_RunNoise` filters during a head run (each logs the messages itself, so a filter there
-catches them before any handler)."""
+"""The loggers `_RunNoise` filters during a head run besides Lightning's `rank_zero_info` logger (each logs
+the messages itself, so a filter there catches them before any handler)."""
 
 
 @contextlib.contextmanager
 def _quiet_head_run():
+    from lightning_utilities.core import (
+        rank_zero,
+    )  # the logger rank_zero_info writes to (cli.quiet_console)
+
     noise = _RunNoise()
-    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    loggers = [rank_zero.log, *(logging.getLogger(name) for name in NOISY_LOGGERS)]
     for lg in loggers:
         lg.addFilter(noise)
     try:
