@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 from dataclasses import asdict
 from typing import Literal
@@ -27,6 +29,20 @@ from layerfusion.features.cache import (
 from layerfusion.fusion.heads import HeadKind, _safe, build_head
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    """Destroy this process's process group when it exits (once per process), as Lightning does for NCCL
+    only: a Gloo group left to the interpreter's finalization can abort the process with "terminate called
+    without an active exception" (SIGABRT) after a successful run, at random (its worker threads still
+    hold tensors when the interpreter is torn down; see pytorch/pytorch#179291)."""
+
+    def destroy() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 class LayerFusionModule(L.LightningModule):
@@ -149,9 +165,12 @@ class LayerFusionModule(L.LightningModule):
         Callbacks' `setup` (`LayerSelection`) runs before this, so the selection is final here. Other
         stages extract in `on_*_start`, after Lightning has restored a `ckpt_path` checkpoint (and with it
         the head's selection). The encoders' weight fingerprints are taken here in every stage: FSDP wraps
-        (and shards) the model after `setup`, and checkpoints are written and checked after that."""
+        (and shards) the model after `setup`, and checkpoints are written and checked after that. Under a
+        process group, the group is destroyed when this process exits (`_destroy_process_group_at_exit`)."""
         for encoder in self.encoders.values():  # before any wrapping: FSDP shards the weights
             encoder.fingerprint()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _destroy_process_group_at_exit()
         if stage == "fit":
             self.prepare_features("fit")
 

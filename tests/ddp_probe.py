@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 from pathlib import Path
@@ -12,12 +13,26 @@ import lightning as L
 class RecordRanks(L.Callback):
     """Write `<stage>-rank{r}.json`: the train row indices of every epoch this process ran, the global
     step it started and ended at, the row indices each rank validated / tested / predicted (last epoch),
-    a SHA-256 of the head and the synced val_acc."""
+    a SHA-256 of the head and the synced val_acc; and at the process's exit `exit-rank{r}.json`: whether
+    its process group was still alive after every at-exit handler registered later had run."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self.rows: dict[int, list[int]] = {}
         self.eval_rows: dict[str, list[int]] = {}
+        self.rank = None
+        atexit.register(self._at_exit)  # before the module's setup: runs after what that registers
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.rank = trainer.global_rank
+
+    def _at_exit(self) -> None:
+        import torch.distributed as dist
+
+        if self.rank is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            alive = dist.is_initialized()
+            (self.out / f"exit-rank{self.rank}.json").write_text(json.dumps({"group_alive": alive}))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.first_step = trainer.global_step  # after any checkpoint restore
@@ -60,6 +75,17 @@ class RecordRanks(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         record = {**record, "world": trainer.world_size, "eval_rows": self.eval_rows}
         (self.out / f"{stage}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def process_groups_left_alive(probe: Path) -> list[int]:
+    """The ranks whose process group was still alive at their exit (read and removed)."""
+    alive = []
+    for r in range(2):
+        path = probe / f"exit-rank{r}.json"
+        if json.loads(path.read_text())["group_alive"]:
+            alive.append(r)
+        path.unlink()
+    return alive
 
 
 COLLECTIVES = (

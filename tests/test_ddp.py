@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import MINILM, REPO, run_script
-from ddp_probe import collectives_nccl_accepts
+from ddp_probe import collectives_nccl_accepts, process_groups_left_alive
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent
@@ -81,6 +81,8 @@ def test_ddp_fit_shards_rows_and_extraction_and_syncs_everything(
     equal a single process's."""
     cfg = _config(tmp_path, shared_data, max_train_samples=300, max_eval_samples=301)
     fit = run_cli("fit", "--config", str(cfg), cwd=tmp_path)
+    # each rank destroys its Gloo group at exit: left to finalization, it can abort a finished run
+    assert process_groups_left_alive(tmp_path / "probe") == []
 
     # feature extraction is shared out by whole chunks: chunk i on rank i % 2
     for split, last in (("train", 44), ("val", 45)):
@@ -188,6 +190,7 @@ SPAWN_PROBE = """
 import json, sys
 from pathlib import Path
 
+import torch
 from lightning.fabric import Fabric
 
 from layerfusion.encoders.frozen import EncoderSpec, FrozenEncoder
@@ -204,6 +207,7 @@ def run(fabric, model, out):
     except FeatureCacheError as err:
         result["empty"] = str(err)
     (Path(out) / f"rank{fabric.global_rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()  # a Gloo group left to the exit can abort the process
 
 
 if __name__ == "__main__":
