@@ -76,8 +76,9 @@ class LayerImportance(Callback):
         max_train_rows: score on a seeded, stratified sample of this many train rows (None = all). The
             default 10,000 keeps every paper dataset's train split whole (SST-2 6,920; MR, R8, R52
             fewer) and bounds extraction and memory on large corpora (`sst2_glue`: 67,349); a 4,000-row
-            sample picks the full-data top-3 exactly in 0 to 2 of 5 seeds, giving up at most 1.03 points
-            of dev probe accuracy (`results/selection_stability/`).
+            sample picks the full-data top-3 exactly in 0 to 2 of 5 seeds on SST-2 and MR (0 to 3 of 3
+            on R8 and R52), giving up at most 1.03 points of dev probe accuracy
+            (`results/selection_stability/`).
         max_dev_rows: the same for the dev split (None = all); the default 2,000 keeps every paper
             dataset's dev split whole (at most 872 rows).
         attention_samples: train texts (seeded sample of the scored rows) run with eager attention; 0
