@@ -232,9 +232,8 @@ the messages itself, so a filter there catches them before any handler)."""
 
 @contextlib.contextmanager
 def _quiet_head_run():
-    from lightning_utilities.core import (
-        rank_zero,
-    )  # the logger rank_zero_info writes to (cli.quiet_console)
+    # rank_zero.log: the logger rank_zero_info writes to (as in cli.quiet_console)
+    from lightning_utilities.core import rank_zero
 
     noise = _RunNoise()
     loggers = [rank_zero.log, *(logging.getLogger(name) for name in NOISY_LOGGERS)]
